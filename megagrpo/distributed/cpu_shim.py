@@ -1,0 +1,113 @@
+"""Run megatron-core on a machine without CUDA.
+
+megatron-core 0.16 assumes a CUDA device in a few dozen places: it allocates buffers on
+``torch.cuda.current_device()``, moves tensors with ``.cuda()``, and saves and restores the CUDA
+RNG state around dropout and activation recompute. On a CPU-only machine (the 2-core laptop and
+CI) this module redirects exactly those assumptions to the CPU:
+
+- a ``TorchFunctionMode`` that rewrites ``device="cuda"`` (also ``cuda:N``, bare integers and
+  ``torch.device("cuda")``) to ``"cpu"`` in tensor factories, and makes ``Tensor.cuda()`` and
+  ``Tensor.to("cuda")`` stay on the CPU;
+- ``torch.cuda.current_device`` / ``synchronize`` / ``get_rng_state`` / ``set_rng_state`` /
+  ``manual_seed`` / ``empty_cache`` and megatron's ``_get_cuda_rng_state`` /
+  ``_set_cuda_rng_state`` replaced by their CPU meanings.
+
+``enable()`` refuses to run when a CUDA device exists, so the redirection can never be active on
+a GPU. It is process-wide and idempotent; the mode is pushed on the calling thread, and megatron
+runs on the thread that called ``enable()`` (autograd runs CPU backward on the calling thread).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_STATE = threading.local()
+_PATCHED = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer means "CUDA device N" for torch's factories.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to the CPU for every torch function call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
+            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(device=None, *a, **k):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=None, *a, **k):
+    torch.set_rng_state(new_state)
+
+
+def _patch_torch_cuda() -> None:
+    global _PATCHED
+    if _PATCHED:
+        return
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda *a, **k: None
+    cuda.get_rng_state = _cpu_get_rng_state
+    cuda.set_rng_state = _cpu_set_rng_state
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+    cuda.random.get_rng_state = _cpu_get_rng_state
+    cuda.random.set_rng_state = _cpu_set_rng_state
+    try:  # megatron keeps its own copies of the CUDA RNG helpers
+        from megatron.core.tensor_parallel import random as mrandom
+    except ImportError:
+        pass
+    else:
+        mrandom._get_cuda_rng_state = _cpu_get_rng_state
+        mrandom._set_cuda_rng_state = _cpu_set_rng_state
+    _PATCHED = True
+
+
+def enable() -> None:
+    """Activate the CPU redirection on this thread (and the torch.cuda patches process-wide)."""
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "megagrpo.distributed.cpu_shim.enable() was called on a machine with a CUDA device; "
+            "the CPU redirection must never be active on a GPU"
+        )
+    _patch_torch_cuda()
+    if getattr(_STATE, "mode", None) is None:
+        mode = _CudaToCpuMode()
+        mode.__enter__()
+        _STATE.mode = mode
+
+
+def is_enabled() -> bool:
+    """Whether the redirection is active on the calling thread."""
+    return getattr(_STATE, "mode", None) is not None
+
+
+def enable_if_no_cuda() -> bool:
+    """Enable the redirection only where no CUDA device exists; returns whether it is active."""
+    if torch.cuda.is_available():
+        return False
+    enable()
+    return True

@@ -1,0 +1,45 @@
+"""megagrpo: a Megatron-style GRPO trainer for LLMs.
+
+The Triton kernels live in ``kernels/`` but are imported as ``megagrpo_kernels``: the bare name
+``kernels`` belongs to an unrelated package that transformers probes for.
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.6",  # the README pins the CPU build (torch==2.13.0) on CPU machines
+    "megatron-core==0.16.1",  # newest release for Python 3.11; 0.17+ needs Python 3.12
+    "transformers>=4.51",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "datasets>=3.0",
+    "math-verify[antlr4_13_2]>=0.7",
+    "wandb>=0.18",
+    "pyyaml>=6.0",
+    "rich>=13.0",
+    "numpy",
+    "packaging",
+    # Triton wheels exist for Linux x86-64 and aarch64 only; elsewhere the torch references run.
+    "triton>=3.2; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'",
+]
+
+EXTRAS = {
+    # CUDA-only: neither installs on the CPU development and CI machines.
+    "gpu": ["vllm>=0.10", "transformer-engine[pytorch]>=2.9"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+}
+
+setup(
+    name="megagrpo",
+    version="0.1.0",
+    description="Megatron-style GRPO trainer for LLMs: megatron-core models, Triton kernels, "
+    "rollout and reward pools",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megagrpo", "megagrpo.*"]) + ["megagrpo_kernels"],
+    package_dir={"megagrpo_kernels": "kernels"},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["megagrpo = megagrpo.cli:main"]},
+)
