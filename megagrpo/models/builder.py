@@ -1,0 +1,212 @@
+"""Build a megatron-core GPTModel that computes what the Hugging Face model computes.
+
+``build_model`` turns a ``ModelArch`` and the parallel settings (``MegatronConfig``) into the
+model chunks of this rank: one chunk, or ``virtual_pipeline_model_parallel_size`` chunks for the
+interleaved pipeline schedule. The Transformer Engine layer spec is used when TE is importable on
+a CUDA machine, megatron-core's local spec otherwise; parameter names differ between the two only
+in where the layer norms live (see ``mapping.py``).
+
+Vocab padding: megatron's vocab-parallel embedding needs a vocabulary divisible by TP, so the
+vocabulary is padded to a multiple of ``make_vocab_size_divisible_by x TP``. The padded rows carry
+zeros and their logits are set to -inf by a forward hook on the output layer, so softmax,
+log-probs and entropy over the padded vocabulary equal those over the real one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megagrpo.models.arch import ModelArch
+from megagrpo.models.rope import rope_inv_freq
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    """Transformer Engine is importable and a CUDA device exists."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
+    """The vocabulary size megatron is built with: a multiple of ``divisible_by * tp_size``."""
+    multiple = max(1, divisible_by) * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    """The subset of ``MegatronConfig`` the model builder reads (any object with these names)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    fp8: str | None = None
+    fp8_recipe: str | None = None
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"
+    fp8_param_gather: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    make_vocab_size_divisible_by: int = 128
+
+
+def _get(par: Any, name: str):
+    return getattr(par, name, getattr(ParallelSettings, name))
+
+
+def build_transformer_config(
+    arch: ModelArch, par: Any, *, params_dtype: torch.dtype = torch.float32, use_te: bool = False
+):
+    """megatron-core TransformerConfig for ``arch`` under the parallel settings ``par``."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    fp8 = _get(par, "fp8")
+    if fp8 and not use_te:
+        raise RuntimeError(
+            "fp8 is set but Transformer Engine is not available on this machine; "
+            "install megagrpo[gpu] on a CUDA machine or unset fp8"
+        )
+    recompute = _get(par, "recompute_granularity")
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.initializer_range,
+        attention_softmax_in_fp32=True,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=_get(par, "tensor_model_parallel_size"),
+        pipeline_model_parallel_size=_get(par, "pipeline_model_parallel_size"),
+        virtual_pipeline_model_parallel_size=_get(par, "virtual_pipeline_model_parallel_size"),
+        context_parallel_size=_get(par, "context_parallel_size"),
+        sequence_parallel=_get(par, "sequence_parallel"),
+        # Fusions: jit-scripted ones on GPU; the ones that need TE's or apex's CUDA code with TE.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=use_te,
+        gradient_accumulation_fusion=use_te,
+        persist_layer_norm=False,
+        use_cpu_initialization=not on_gpu,
+        recompute_granularity=recompute,
+    )
+    if recompute == "full":
+        kwargs["recompute_method"] = _get(par, "recompute_method") or "uniform"
+        kwargs["recompute_num_layers"] = _get(par, "recompute_num_layers") or 1
+    if fp8:
+        kwargs.update(
+            fp8=fp8,
+            fp8_recipe=_get(par, "fp8_recipe") or "delayed",
+            fp8_margin=_get(par, "fp8_margin"),
+            fp8_amax_history_len=_get(par, "fp8_amax_history_len"),
+            fp8_amax_compute_algo=_get(par, "fp8_amax_compute_algo"),
+            fp8_param=_get(par, "fp8_param_gather"),
+        )
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: ModelArch, *, use_te: bool):
+    """The transformer layer spec: Transformer Engine's, or megatron-core's local one."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization="RMSNorm", qk_layernorm=arch.qk_norm
+    )
+
+
+def _mask_padded_vocab_hook(true_vocab: int, tp_group):
+    def hook(module, args, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        # A shard of the vocabulary, or the whole of it when the output was gathered.
+        start = tp_group.rank() * local if local == module.output_size_per_partition else 0
+        if start + local <= true_vocab:
+            return output
+        col = torch.arange(start, start + local, device=logits.device)
+        return logits.masked_fill(col >= true_vocab, float("-inf")), bias
+
+    return hook
+
+
+def build_model(
+    arch: ModelArch,
+    par: Any,
+    *,
+    pg_collection=None,
+    params_dtype: torch.dtype | str = torch.float32,
+    use_te: bool | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+) -> list[torch.nn.Module]:
+    """The GPTModel chunks this rank holds (one per virtual pipeline stage).
+
+    ``pg_collection`` holds the explicit process groups (``ParallelGroups.pg_collection``); it
+    defaults to megatron's parallel_state groups. ``pre_process`` / ``post_process`` default to
+    whether this rank holds the first / last pipeline stage.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if isinstance(params_dtype, str):
+        params_dtype = _DTYPES[params_dtype]
+    use_te = transformer_engine_available() if use_te is None else use_te
+    config = build_transformer_config(arch, par, params_dtype=params_dtype, use_te=use_te)
+    spec = layer_spec(arch, use_te=use_te)
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    tp = config.tensor_model_parallel_size
+    vocab = padded_vocab_size(arch.vocab_size, tp, _get(par, "make_vocab_size_divisible_by"))
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=first if pre_process is None else pre_process,
+            post_process=last if post_process is None else post_process,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(arch.rope.theta),
+            pg_collection=pg_collection,
+            vp_stage=vp_stage if vpp > 1 else None,
+        )
+        model.rotary_pos_emb.inv_freq = rope_inv_freq(arch.rope, arch.head_dim).to(
+            model.rotary_pos_emb.inv_freq.device
+        )
+        if model.post_process and vocab != arch.vocab_size:
+            model.output_layer.register_forward_hook(
+                _mask_padded_vocab_hook(arch.vocab_size, pg_collection.tp)
+            )
+        chunks.append(model)
+    return chunks
