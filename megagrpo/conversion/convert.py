@@ -175,7 +175,7 @@ def megatron_to_hf(
     names = [x for *_, hf, _m in order for n in hf for x in (n, *aliases_of.get(n, []))]
     shapes = hf_shapes(arch)
     dtypes = {}
-    for plan, meg, hf, m in order:
+    for plan, meg, hf, _m in order:
         for n in hf:
             dtypes[n] = dtype or ranks[(0, plan.pp_rank)].dtype(meg)
     for a, target in meta.hf_aliases.items():

@@ -69,7 +69,7 @@ class MegatronCheckpointMeta:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, root: str) -> "MegatronCheckpointMeta":
+    def load(cls, root: str) -> MegatronCheckpointMeta:
         path = os.path.join(root, META_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(

@@ -58,7 +58,7 @@ def tiny_hf_model(name: str, vocab_size: int, *, seed: int = 0, dtype=torch.floa
     # transformers initialises norm weights to exactly 1 and biases to 0; perturb them so that a
     # mapping mix-up between norms or a dropped bias shows up in the logits.
     with torch.no_grad():
-        for pname, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.to(dtype).eval()
