@@ -19,6 +19,7 @@ runs on the thread that called ``enable()`` (autograd runs CPU backward on the c
 
 from __future__ import annotations
 
+import inspect
 import threading
 
 import torch
@@ -37,11 +38,48 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """``Tensor.backward`` / ``torch.autograd.backward`` straight on the autograd engine."""
+    from torch.autograd.variable import Variable
+
+    tensors = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+    if grad_tensors is None:
+        grad_tensors = [None] * len(tensors)
+    elif torch.is_tensor(grad_tensors):
+        grad_tensors = [grad_tensors]
+    grads = tuple(
+        torch.ones_like(t) if g is None and t.numel() == 1 else g
+        for t, g in zip(tensors, grad_tensors)
+    )
+    if any(g is None for g in grads):
+        raise RuntimeError("grad can be implicitly created only for scalar outputs")
+    inputs = (inputs,) if torch.is_tensor(inputs) else tuple(inputs or ())
+    keep = create_graph if retain_graph is None else retain_graph
+    Variable._execution_engine.run_backward(
+        tensors, grads, keep, create_graph, inputs, allow_unreachable=True, accumulate_grad=True
+    )
+
+
+# Backward runs user Python code (autograd Functions, megatron's activation recompute), and
+# torch disables a mode while it handles a call: these run on the engine with the mode active.
+_BACKWARD = {torch.Tensor.backward, torch.autograd.backward}
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU for every torch function call."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in _BACKWARD:
+            a = inspect.signature(func).bind(*args, **kwargs).arguments
+            with self:
+                return _run_backward(
+                    a.get("self", a.get("tensors")),
+                    a.get("gradient", a.get("grad_tensors")),
+                    a.get("retain_graph"),
+                    a.get("create_graph", False),
+                    a.get("inputs"),
+                )
         if func is torch.Tensor.cuda:
             return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny Hugging Face checkpoints built locally (no model hub)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megagrpo.demo.tiny_models import TINY_CONFIGS, save_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(name, sharded=False)`` -> directory of a saved tiny HF checkpoint."""
+    made: dict[tuple[str, bool], str] = {}
+
+    def make(name: str, sharded: bool = False) -> str:
+        key = (name, sharded)
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"hf-{name}{'-sharded' if sharded else ''}")
+            save_tiny_checkpoint(name, str(d), max_shard_size="40KB" if sharded else None)
+            made[key] = str(d)
+        return made[key]
+
+    return make
+
+
+ARCH_NAMES = sorted(TINY_CONFIGS)
