@@ -59,7 +59,9 @@ def run_ranks(world: int, fn, *args, timeout: float = 240.0):
             try:
                 rank, status, value = results.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"{fn.__name__}: no answer from all {world} ranks in {timeout}s")
+                raise TimeoutError(
+                    f"{fn.__name__}: no answer from all {world} ranks in {timeout}s"
+                ) from None
             if status == "ok":
                 out[rank] = pickle.loads(value)
             else:
