@@ -137,6 +137,18 @@ def test_load_arch_errors_name_the_file(tmp_path):
     assert os.path.basename(str(tmp_path))  # the message carries the path, checked above
 
 
+def test_megatron_shards_of_another_layout_are_refused(tiny_checkpoint, groups, tmp_path):
+    from megagrpo.conversion.convert import hf_to_megatron
+    from megagrpo.models.hf_weights import load_megatron_shards
+
+    hf_dir = tiny_checkpoint("qwen2")
+    meg = str(tmp_path / "meg")
+    hf_to_megatron(hf_dir, meg, tp=2)
+    arch, model = _megatron(hf_dir, groups)
+    with pytest.raises(ValueError, match="saved with TP=2 PP=1 VPP=None, the model runs TP=1"):
+        load_megatron_shards([model], meg, arch, groups)
+
+
 def test_padded_vocab_size():
     assert padded_vocab_size(151936, 1) == 151936
     assert padded_vocab_size(151936, 8) == 152576  # 1024 x 149

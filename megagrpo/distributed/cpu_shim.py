@@ -26,7 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _STATE = threading.local()
-_PATCHED = False
+_ORIGINALS: list[tuple[object, str, object]] = []
 
 
 def _is_cuda_device(device) -> bool:
@@ -99,29 +99,37 @@ def _cpu_set_rng_state(new_state, device=None, *a, **k):
     torch.set_rng_state(new_state)
 
 
-def _patch_torch_cuda() -> None:
-    global _PATCHED
-    if _PATCHED:
-        return
+def _replacements() -> list[tuple[object, str, object]]:
+    """(owner, attribute, CPU replacement) for every CUDA assumption megatron-core makes."""
     cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda *a, **k: None
-    cuda.get_rng_state = _cpu_get_rng_state
-    cuda.set_rng_state = _cpu_set_rng_state
-    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.manual_seed_all = lambda seed: None
-    cuda.random.get_rng_state = _cpu_get_rng_state
-    cuda.random.set_rng_state = _cpu_set_rng_state
+    table = [
+        (cuda, "current_device", lambda: "cpu"),
+        (cuda, "synchronize", lambda *a, **k: None),
+        (cuda, "empty_cache", lambda *a, **k: None),
+        (cuda, "get_rng_state", _cpu_get_rng_state),
+        (cuda, "set_rng_state", _cpu_set_rng_state),
+        # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator.
+        (cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed))),
+        (cuda, "manual_seed_all", lambda seed: None),
+        (cuda.random, "get_rng_state", _cpu_get_rng_state),
+        (cuda.random, "set_rng_state", _cpu_set_rng_state),
+    ]
     try:  # megatron keeps its own copies of the CUDA RNG helpers
         from megatron.core.tensor_parallel import random as mrandom
     except ImportError:
-        pass
-    else:
-        mrandom._get_cuda_rng_state = _cpu_get_rng_state
-        mrandom._set_cuda_rng_state = _cpu_set_rng_state
-    _PATCHED = True
+        return table
+    return table + [
+        (mrandom, "_get_cuda_rng_state", _cpu_get_rng_state),
+        (mrandom, "_set_cuda_rng_state", _cpu_set_rng_state),
+    ]
+
+
+def _patch_torch_cuda() -> None:
+    if _ORIGINALS:
+        return
+    for owner, name, replacement in _replacements():
+        _ORIGINALS.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
 
 
 def enable() -> None:
@@ -136,6 +144,17 @@ def enable() -> None:
         mode = _CudaToCpuMode()
         mode.__enter__()
         _STATE.mode = mode
+
+
+def disable() -> None:
+    """Undo ``enable()``: pop the mode from this thread and restore the torch.cuda functions."""
+    mode = getattr(_STATE, "mode", None)
+    if mode is not None:
+        mode.__exit__(None, None, None)
+        _STATE.mode = None
+    while _ORIGINALS:
+        owner, name, original = _ORIGINALS.pop()
+        setattr(owner, name, original)
 
 
 def is_enabled() -> bool:

@@ -156,10 +156,11 @@ def init_distributed(
 
 
 def destroy_distributed() -> None:
-    """Tear down megatron's parallel state and the default process group."""
+    """Tear down megatron's parallel state, the default process group and the CPU redirection."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu_shim.disable()
