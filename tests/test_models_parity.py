@@ -56,6 +56,33 @@ def test_logits_match_transformers_fp32(name, tiny_checkpoint, groups):
     assert (logp_ours - torch.log_softmax(ref.double(), -1)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_logits_bf16_error_within_twice_transformers_bf16_error(name, tiny_checkpoint, groups):
+    """bf16 has no exact answer: both implementations round differently. The tolerance is the
+    error transformers itself makes in bf16 against its fp32 logits: megatron's bf16 error may
+    be at most twice that, plus 0.02 (a few bf16 ulps at logits of magnitude ~1)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tiny_checkpoint(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf32 = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval().to(device)
+    hf16 = AutoModelForCausalLM.from_pretrained(hf_dir).to(torch.bfloat16).eval().to(device)
+    arch = load_arch(hf_dir)
+    par = ParallelSettings()
+    model = build_model(arch, par, pg_collection=groups.pg_collection, params_dtype="bfloat16")[0]
+    load_hf_weights([model], SafetensorsDir(hf_dir), arch, groups)
+    model = model.eval().to(device)
+    torch.manual_seed(2)
+    ids = torch.randint(0, arch.vocab_size, (2, 96), device=device)
+    with torch.no_grad():
+        ref = hf32(ids).logits.double()
+        hf_err = (hf16(ids).logits.double() - ref).abs().max().item()
+        ours = model(ids, None, attention_mask=None)[..., : arch.vocab_size]
+        our_err = (ours.double() - ref).abs().max().item()
+    assert ours.dtype == torch.bfloat16
+    assert our_err <= 2 * hf_err + 0.02, f"{name}: megatron {our_err:.4f} vs HF {hf_err:.4f}"
+
+
 def test_llama3_rope_scaling_is_the_checkpoints(tiny_checkpoint, groups):
     """The tiny llama3 config uses factor 32 and an original context of 64, unlike megatron's
     built-in llama3 defaults (8, 8192): the builder must install the checkpoint's frequencies."""
