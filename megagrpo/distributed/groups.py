@@ -104,15 +104,18 @@ def init_distributed(
         cpu_shim.enable()
     if not dist.is_initialized():
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+        init_method = None  # torchrun's env:// rendezvous
         if "MASTER_ADDR" not in os.environ:
             if world != 1:
                 raise RuntimeError(
                     f"WORLD_SIZE={world} but MASTER_ADDR is not set; launch with torchrun"
                 )
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(free_port())
+            # A lone process: its own port, without touching the environment that child
+            # processes (rollout engines, reward workers) inherit.
+            init_method = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=timedelta(minutes=timeout_minutes),
