@@ -1,0 +1,1 @@
+"""GRPO algorithm pieces: advantages, loss types (grpo, bnpo, dr_grpo, dapo)."""

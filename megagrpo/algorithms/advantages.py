@@ -1,0 +1,125 @@
+"""Group-relative advantages, NaN-aware, over the whole data-parallel generation batch.
+
+Legend: N = completions (B prompts x G generations, group-major: completion i belongs to group
+i // G), K = reward functions.
+
+A reward function may answer ``None`` ("cannot score"), stored as NaN. A completion's reward is
+the weighted sum over the functions that scored it (TRL's ``nansum``); a completion no function
+scored has reward NaN, takes no part in its group's statistics and gets advantage 0, so it adds
+nothing to the policy gradient.
+
+``scale_rewards``: ``group`` divides by each group's std (GRPO), ``batch`` by the std of the
+whole generation batch (TRL's "batch"; Lite-PPO), ``none`` does not divide (Dr. GRPO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SCALE_CHOICES = ("group", "batch", "none")
+
+
+def weighted_rewards(rewards_nk: torch.Tensor, weights_k: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over reward functions, ignoring NaN; NaN where no function scored."""
+    scored_nk = ~torch.isnan(rewards_nk)
+    total_n = torch.nansum(rewards_nk * weights_k.to(rewards_nk), dim=1)
+    return torch.where(scored_nk.any(dim=1), total_n, torch.full_like(total_n, float("nan")))
+
+
+def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sample standard deviation (Bessel-corrected, as torch.std) ignoring NaN; 0 if < 2."""
+    valid = ~torch.isnan(x)
+    count = valid.sum(dim=dim, keepdim=True)
+    mean = torch.nansum(x, dim=dim, keepdim=True) / count.clamp(min=1)
+    sq = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x)).sum(dim=dim, keepdim=True)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    return torch.where(count >= 2, std, torch.zeros_like(std)).squeeze(dim)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per-completion advantage and the group statistics behind it."""
+
+    advantages_n: torch.Tensor
+    group_mean_n: torch.Tensor
+    group_std_n: torch.Tensor
+    frac_zero_std: float
+    """Fraction of groups whose scored rewards are all equal, or that have fewer than two scored
+    members: groups with no learning signal (TRL's frac_reward_zero_std)."""
+
+
+def group_advantages(
+    rewards_n: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    eps: float = 1e-4,
+) -> GroupStats:
+    """Advantages of ``rewards_n`` (group-major, NaN = unscored)."""
+    if scale_rewards not in SCALE_CHOICES:
+        raise ValueError(f"scale_rewards={scale_rewards!r}; expected one of {SCALE_CHOICES}")
+    n = rewards_n.numel()
+    if num_generations < 1 or n % num_generations:
+        raise ValueError(
+            f"{n} completions do not form whole groups of num_generations={num_generations}"
+        )
+    r_bg = rewards_n.double().view(-1, num_generations)
+    valid_bg = ~torch.isnan(r_bg)
+    count_b = valid_bg.sum(dim=1, keepdim=True)
+    mean_b = torch.nansum(r_bg, dim=1, keepdim=True) / count_b.clamp(min=1)
+    std_b = _nanstd(r_bg, dim=1).unsqueeze(1)
+    centered_bg = r_bg - mean_b
+    if scale_rewards == "group":
+        adv_bg = centered_bg / (std_b + eps)
+    elif scale_rewards == "batch":
+        adv_bg = centered_bg / (_nanstd(r_bg.reshape(1, -1), dim=1) + eps)
+    else:
+        adv_bg = centered_bg
+    adv_bg = torch.where(valid_bg, adv_bg, torch.zeros_like(adv_bg))
+    # std is 0 for groups with fewer than two scored members: no learning signal either.
+    zero_std = torch.isclose(std_b.squeeze(1), torch.zeros_like(std_b.squeeze(1)))
+    dtype = rewards_n.dtype if rewards_n.is_floating_point() else torch.float32
+    return GroupStats(
+        advantages_n=adv_bg.reshape(-1).to(dtype),
+        group_mean_n=mean_b.expand_as(r_bg).reshape(-1).to(dtype),
+        group_std_n=std_b.expand_as(r_bg).reshape(-1).to(dtype),
+        frac_zero_std=zero_std.double().mean().item(),
+    )
+
+
+def dp_group_advantages(
+    rewards_n: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str,
+    dp_group=None,
+    eps: float = 1e-4,
+) -> GroupStats:
+    """``group_advantages`` over the generation batch of all data-parallel ranks.
+
+    Each rank holds whole groups (``validate_layout`` guarantees it); the rewards of all ranks are
+    gathered so batch-level scaling and the group statistics see the global batch, and each rank
+    gets back the advantages of its own completions.
+    """
+    if dp_group is None or dist.get_world_size(dp_group) == 1:
+        return group_advantages(rewards_n, num_generations, scale_rewards, eps)
+    world, rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    device = rewards_n.device
+    size_parts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    local = torch.tensor([rewards_n.numel()], dtype=torch.int64, device=device)
+    dist.all_gather(size_parts, local, group=dp_group)
+    sizes = torch.cat(size_parts).cpu()
+    if bool((sizes % num_generations).any()):
+        raise ValueError(
+            f"completions per data-parallel rank {sizes.tolist()} are not whole groups of "
+            f"num_generations={num_generations}: a group would straddle ranks"
+        )
+    parts = [torch.empty(int(s), dtype=rewards_n.dtype, device=device) for s in sizes]
+    dist.all_gather(parts, rewards_n.contiguous(), group=dp_group)
+    stats = group_advantages(torch.cat(parts), num_generations, scale_rewards, eps)
+    start = int(sizes[:rank].sum())
+    sl = slice(start, start + rewards_n.numel())
+    return GroupStats(
+        stats.advantages_n[sl], stats.group_mean_n[sl], stats.group_std_n[sl], stats.frac_zero_std
+    )

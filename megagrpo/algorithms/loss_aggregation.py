@@ -1,0 +1,104 @@
+"""Loss types: how per-token losses become the scalar a micro-batch backpropagates.
+
+Legend: B completions in the micro-batch, T completion positions.
+
+Each loss type is a small named piece with TRL's semantics:
+
+- ``grpo``: mean over completions of each completion's token mean (DeepSeekMath's GRPO; long
+  completions' tokens weigh less).
+- ``bnpo``: token mean over the micro-batch.
+- ``dr_grpo``: token sum over the micro-batch / (B x max_completion_length) (Dr. GRPO: no
+  length bias).
+- ``dapo``: token sum / the number of completion tokens in the whole generation batch, over
+  all data-parallel ranks and gradient-accumulation micro-batches (DAPO's token-level loss).
+
+megatron-core's schedules divide each micro-batch loss by the number of micro-batches, and the
+data-parallel gradient reduction averages over DP ranks. ``loss`` returns the value to hand to
+megatron so that, after both, the gradient is the gradient of the loss type's objective;
+``objective`` is the micro-batch's value of the objective, for metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What a loss type may need beyond the micro-batch itself."""
+
+    num_microbatches: int
+    """Micro-batches per optimizer step on this rank (gradient accumulation)."""
+    dp_size: int
+    """Data-parallel ranks the gradient is averaged over."""
+    max_completion_length: int
+    """The configured maximum completion length (dr_grpo's constant normaliser)."""
+    global_num_tokens: int
+    """Completion tokens in the whole generation batch over all DP ranks (dapo's normaliser)."""
+
+
+class LossType:
+    """Reduces per-token losses [B, T] under a mask [B, T] to the loss of one micro-batch."""
+
+    name = ""
+
+    def objective(self, loss_bt: torch.Tensor, mask_bt: torch.Tensor, ctx: BatchContext):
+        """This micro-batch's loss as the loss type defines it for one micro-batch."""
+        raise NotImplementedError
+
+    def loss(self, loss_bt, mask_bt, ctx: BatchContext) -> torch.Tensor:
+        """The scalar to return to megatron's schedule (which divides by num_microbatches;
+        the DP reduction averages): per-micro-batch means as TRL averages them over
+        gradient-accumulation steps and processes."""
+        return self.objective(loss_bt, mask_bt, ctx)
+
+
+class GRPOLoss(LossType):
+    name = "grpo"
+
+    def objective(self, loss_bt, mask_bt, ctx):
+        m = mask_bt.to(loss_bt.dtype)
+        per_seq_b = (loss_bt * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        return per_seq_b.mean()
+
+
+class BNPOLoss(LossType):
+    name = "bnpo"
+
+    def objective(self, loss_bt, mask_bt, ctx):
+        m = mask_bt.to(loss_bt.dtype)
+        return (loss_bt * m).sum() / m.sum().clamp(min=1.0)
+
+
+class DrGRPOLoss(LossType):
+    name = "dr_grpo"
+
+    def objective(self, loss_bt, mask_bt, ctx):
+        m = mask_bt.to(loss_bt.dtype)
+        return (loss_bt * m).sum() / (loss_bt.shape[0] * ctx.max_completion_length)
+
+
+class DAPOLoss(LossType):
+    name = "dapo"
+
+    def objective(self, loss_bt, mask_bt, ctx):
+        m = mask_bt.to(loss_bt.dtype)
+        return (loss_bt * m).sum() / max(ctx.global_num_tokens, 1)
+
+    def loss(self, loss_bt, mask_bt, ctx):
+        # The objective is already normalised by the global token count: undo megatron's
+        # division by the micro-batches and the DP average so the tokens are summed.
+        return self.objective(loss_bt, mask_bt, ctx) * (ctx.num_microbatches * ctx.dp_size)
+
+
+LOSS_TYPES: dict[str, type[LossType]] = {
+    cls.name: cls for cls in (GRPOLoss, BNPOLoss, DrGRPOLoss, DAPOLoss)
+}
+
+
+def get_loss_type(name: str) -> LossType:
+    if name not in LOSS_TYPES:
+        raise ValueError(f"loss_type={name!r}; expected one of {sorted(LOSS_TYPES)}")
+    return LOSS_TYPES[name]()
