@@ -1,0 +1,1 @@
+"""Prompt data: sources and mixtures, conversation formatting, tokenization, step sampling."""

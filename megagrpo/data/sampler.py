@@ -1,0 +1,74 @@
+"""Which prompts each data-parallel rank takes at each step, resumable.
+
+Every step draws ``prompts_per_step`` prompts from a per-epoch permutation (seeded by seed and
+epoch); rank r of D takes the r-th contiguous slice, so each rank owns whole prompts and with
+them whole groups of completions. An epoch's tail shorter than a step is skipped (drop-last), as
+the HF Trainer does. ``state_dict`` records the epoch and position for checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PromptSampler:
+    num_prompts: int
+    prompts_per_step: int
+    """Prompts per optimizer step over all data-parallel ranks."""
+    dp_rank: int = 0
+    dp_size: int = 1
+    seed: int = 0
+    epoch: int = 0
+    position: int = 0
+    """Index into this epoch's permutation of the next prompt."""
+
+    def __post_init__(self):
+        if self.prompts_per_step % self.dp_size:
+            raise ValueError(
+                f"{self.prompts_per_step} prompts per step do not split over "
+                f"{self.dp_size} data-parallel ranks"
+            )
+        if self.num_prompts < self.prompts_per_step:
+            raise ValueError(
+                f"the dataset has {self.num_prompts} prompts, fewer than the "
+                f"{self.prompts_per_step} one step needs"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_prompts // self.prompts_per_step
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_prompts, generator=g)
+
+    def next_step(self) -> list[int]:
+        """This rank's prompt indices for the next step."""
+        if self.position + self.prompts_per_step > self.num_prompts:
+            self.epoch, self.position = self.epoch + 1, 0
+        perm = self._permutation(self.epoch)
+        per_rank = self.prompts_per_step // self.dp_size
+        start = self.position + self.dp_rank * per_rank
+        self.position += self.prompts_per_step
+        return perm[start : start + per_rank].tolist()
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_prompts": self.num_prompts,
+            "prompts_per_step": self.prompts_per_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_prompts", "prompts_per_step", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint's data position was saved with {key}={state[key]}, this run has "
+                    f"{key}={getattr(self, key)}: resuming would silently change the data order"
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
