@@ -17,6 +17,8 @@ CORE = [
     "wandb>=0.18",
     "pyyaml>=6.0",
     "rich>=13.0",
+    "matplotlib>=3.7",  # tools/plot_metrics.py
+    "pyarrow>=14",  # completions tables (parquet)
     "numpy",
     "packaging",
     # Triton wheels exist for Linux x86-64 and aarch64 only; elsewhere the torch references run.

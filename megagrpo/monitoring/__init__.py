@@ -1,0 +1,1 @@
+"""Monitoring: metrics to stdout, JSONL and wandb; completion tables."""
