@@ -1,6 +1,6 @@
 """Recipe configuration: typed dataclasses, YAML + command-line loading, validation.
 
-    recipe = load_recipe("launch/configs/qwen2.5-1.5b-openr1-demo.yaml", ["--learning_rate", "1e-6"])
+    recipe = load_recipe("launch/configs/qwen2.5-1.5b-openr1-demo.yaml", ["--beta", "0.01"])
     validate_recipe(recipe)
     layout = validate_layout(recipe, world_size=8, num_layers=28, num_attention_heads=12,
                              num_query_groups=2)

@@ -190,6 +190,8 @@ def _coerce_list(value: Any, tp: Any, key: str) -> list:
             value = [part.strip() for part in text.split(",") if part.strip()]
     elif isinstance(value, tuple):
         value = list(value)
+    elif isinstance(value, dict):
+        raise _fail(key, value, tp)
     elif not isinstance(value, list):
         value = [value]  # a single scalar where a list is expected
     return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -7,8 +7,9 @@ megatron-core's unless the help says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from megagrpo.config.fields import option
 
@@ -17,9 +18,9 @@ from megagrpo.config.fields import option
 class RecomputeSettings:
     """Resolved activation recompute, ready for megatron's TransformerConfig (all None = off)."""
 
-    recompute_granularity: Optional[str]
-    recompute_method: Optional[str]
-    recompute_num_layers: Optional[int]
+    recompute_granularity: str | None
+    recompute_method: str | None
+    recompute_num_layers: int | None
 
 
 @dataclass
@@ -33,7 +34,7 @@ class MegatronConfig:
     pipeline_model_parallel_size: int = option(
         1, help="Pipeline-parallel size (PP): must divide the number of layers."
     )
-    virtual_pipeline_model_parallel_size: Optional[int] = option(
+    virtual_pipeline_model_parallel_size: int | None = option(
         None,
         help="Model chunks per pipeline stage for the interleaved 1F1B schedule; needs PP > 1 and "
         "layers divisible by PP x this.",
@@ -42,9 +43,10 @@ class MegatronConfig:
         1, help="Context-parallel size (CP): splits sequences; needs Transformer Engine."
     )
     sequence_parallel: bool = option(
-        False, help="Shard layer-norm / dropout activations along the sequence over TP; needs TP > 1."
+        False,
+        help="Shard layer-norm / dropout activations along the sequence over TP; needs TP > 1.",
     )
-    micro_batch_size: Optional[int] = option(
+    micro_batch_size: int | None = option(
         None,
         help="Completions per forward/backward micro-batch; None uses per_device_train_batch_size. "
         "Must divide per_device_train_batch_size x gradient_accumulation_steps.",
@@ -60,12 +62,12 @@ class MegatronConfig:
         help="Layer implementation: Transformer Engine layers, megatron's local (plain torch) "
         "layers, or auto (Transformer Engine where it is importable on a GPU, local otherwise).",
     )
-    fp8: Optional[Literal["e4m3", "hybrid"]] = option(
+    fp8: Literal["e4m3", "hybrid"] | None = option(
         None,
         help="FP8 GEMMs through Transformer Engine: e4m3 everywhere, or hybrid (e4m3 forward, e5m2 "
         "gradients); None trains in bf16/fp16/fp32.",
     )
-    fp8_recipe: Optional[Literal["delayed", "tensorwise", "mxfp8", "blockwise"]] = option(
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] | None = option(
         None,
         help="FP8 scaling recipe (mxfp8 needs Blackwell); None with fp8 set uses megatron's "
         "default, delayed. Only valid together with fp8.",
@@ -82,18 +84,18 @@ class MegatronConfig:
     )
 
     # ---- activation recompute ----
-    recompute_granularity: Optional[Literal["full", "selective"]] = option(
+    recompute_granularity: Literal["full", "selective"] | None = option(
         None,
         help="full: recompute whole layers; selective: recompute only core attention. None "
         "follows gradient_checkpointing (true -> full / uniform / 1 layer).",
     )
-    recompute_method: Optional[Literal["uniform", "block"]] = option(
+    recompute_method: Literal["uniform", "block"] | None = option(
         None,
         help="full recompute only: uniform (checkpoint every chunk of recompute_num_layers "
         "layers) or block (recompute the first recompute_num_layers layers of each stage); None "
         "means uniform.",
     )
-    recompute_num_layers: Optional[int] = option(
+    recompute_num_layers: int | None = option(
         None, help="full recompute only: layers per recompute chunk / block; None means 1."
     )
 
@@ -126,4 +128,15 @@ class MegatronConfig:
             return RecomputeSettings("selective", None, None)
         return RecomputeSettings(
             "full", self.recompute_method or "uniform", self.recompute_num_layers or 1
+        )
+
+    def resolved(self, gradient_checkpointing: bool) -> MegatronConfig:
+        """A copy whose recompute_* fields hold what ``recompute`` resolves (for model builders
+        that read those fields as megatron's TransformerConfig would)."""
+        rc = self.recompute(gradient_checkpointing)
+        return dataclasses.replace(
+            self,
+            recompute_granularity=rc.recompute_granularity,
+            recompute_method=rc.recompute_method,
+            recompute_num_layers=rc.recompute_num_layers,
         )

@@ -7,7 +7,7 @@ PEFT / LoRA and bitsandbytes quantisation fields of TRL's ModelConfig are recogn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from megagrpo.config.fields import option
 
@@ -16,7 +16,7 @@ from megagrpo.config.fields import option
 class ModelConfig:
     """The policy checkpoint and how to load it."""
 
-    model_name_or_path: Optional[str] = option(
+    model_name_or_path: str | None = option(
         None, help="Hub id or local directory of the Hugging Face policy checkpoint."
     )
     model_revision: str = option("main", help="Branch, tag or commit of the checkpoint.")
@@ -31,7 +31,7 @@ class ModelConfig:
         help="Allow checkpoints and tokenizers that ship their own Python code (newer TRL keeps "
         "this key in GRPOConfig; the recipe key is the same).",
     )
-    attn_implementation: Optional[str] = option(
+    attn_implementation: str | None = option(
         None,
         help="Attention kernel of the transformers rollout engine (eager, sdpa, "
         "flash_attention_2); megatron-core picks its own (Transformer Engine or local).",

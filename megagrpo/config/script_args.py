@@ -8,7 +8,6 @@ document gives a default, the seed wins; where megagrpo differs from open-r1, th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from megagrpo.config.fields import option
 
@@ -43,16 +42,17 @@ class DatasetConfig:
     """One dataset of a ``dataset_mixture`` (open-r1's shape)."""
 
     id: str = option(help="Hub id or local path of the dataset.")
-    config: Optional[str] = option(None, help="Dataset configuration (subset) name.")
+    config: str | None = option(None, help="Dataset configuration (subset) name.")
     split: str = option("train", help="Split to take the examples from.")
-    columns: Optional[list[str]] = option(
+    columns: list[str] | None = option(
         None,
-        help="Columns to keep; every dataset of a mixture must keep the same columns. None keeps all.",
+        help="Columns to keep; every dataset of a mixture must keep the same columns. None keeps "
+        "all.",
     )
     weight: float = option(
         1.0,
-        help="Fraction of this dataset to use, in (0, 1]: the first weight x len(dataset) rows after "
-        "a shuffle with the mixture's seed (open-r1's meaning).",
+        help="Fraction of this dataset to use, in (0, 1]: the first weight x len(dataset) rows "
+        "after a shuffle with the mixture's seed (open-r1's meaning).",
     )
 
 
@@ -62,7 +62,7 @@ class DatasetMixtureConfig:
 
     datasets: list[DatasetConfig] = option(help="The datasets of the mixture.")
     seed: int = option(0, help="Seed of the shuffles that take each dataset's fraction.")
-    test_split_size: Optional[float] = option(
+    test_split_size: float | None = option(
         None, help="Fraction in (0, 1) of the mixture held out as the test split; None keeps none."
     )
 
@@ -72,22 +72,22 @@ class GRPOScriptArguments:
     """Data and reward settings of a GRPO run (open-r1's ``GRPOScriptArguments``)."""
 
     # ---- data ----
-    dataset_name: Optional[str] = option(
+    dataset_name: str | None = option(
         None, help="Hub id or local path of the training dataset. Set this or dataset_mixture."
     )
-    dataset_config: Optional[str] = option(None, help="Dataset configuration (subset) name.")
+    dataset_config: str | None = option(None, help="Dataset configuration (subset) name.")
     dataset_train_split: str = option("train", help="Split used for training.")
     dataset_test_split: str = option("test", help="Split used for evaluation (eval_strategy).")
     dataset_prompt_column: str = option(
         "problem",
-        help="Column holding the prompt text. open-r1's field default is 'prompt'; megagrpo defaults "
-        "to 'problem', the column of the math datasets open-r1's recipes use.",
+        help="Column holding the prompt text. open-r1's field default is 'prompt'; megagrpo "
+        "defaults to 'problem', the column of the math datasets open-r1's recipes use.",
     )
     dataset_solution_column: str = option(
         "solution",
-        help="Column holding the reference answer that accuracy-style rewards receive as `solution`.",
+        help="Column holding the reference answer, passed to the rewards as `solution`.",
     )
-    dataset_mixture: Optional[DatasetMixtureConfig] = option(
+    dataset_mixture: DatasetMixtureConfig | None = option(
         None,
         help="A mixture of datasets instead of dataset_name, in open-r1's YAML shape: "
         "{datasets: [{id, config, split, columns, weight}, ...], seed, test_split_size}.",
@@ -99,7 +99,7 @@ class GRPOScriptArguments:
         help="Reward functions to combine, from: " + ", ".join(REWARD_FUNCS) + ". Defaults to the "
         "seed's basic pair accuracy + format (open-r1's default adds tag_count).",
     )
-    reward_weights: Optional[list[float]] = option(
+    reward_weights: list[float] | None = option(
         None,
         help="One weight per reward function (same order); None weights every function 1.0. "
         "TRL keeps this field in GRPOConfig; the recipe key is the same.",

@@ -9,7 +9,7 @@ help. Fields of TRL / transformers that megagrpo does not implement are listed i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from megagrpo.config.fields import option
 from megagrpo.config.script_args import R1_SYSTEM_PROMPT
@@ -30,12 +30,12 @@ class GRPOConfig:
         help="Directory for checkpoints, metrics (JSONL) and the final Hugging Face export "
         "(transformers' default is 'trainer_output').",
     )
-    run_name: Optional[str] = option(None, help="Run name for wandb; None lets wandb pick one.")
+    run_name: str | None = option(None, help="Run name for wandb; None lets wandb pick one.")
     seed: int = option(42, help="Random seed of data order, sampling and initialisation.")
-    logging_steps: Union[int, float] = option(
+    logging_steps: int | float = option(
         10,
-        help="Log every this many optimizer steps; a value below 1 is a fraction of the total steps "
-        "(TRL's default, transformers' is 500).",
+        help="Log every this many optimizer steps; a value below 1 is a fraction of the total "
+        "steps (TRL's default, transformers' is 500).",
     )
     logging_first_step: bool = option(False, help="Also log the first optimizer step.")
     log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] = option(
@@ -46,13 +46,13 @@ class GRPOConfig:
         help="Trackers besides stdout and the JSONL metrics file: 'wandb', or 'none' / [] for "
         "none; 'all' means every tracker megagrpo has (wandb). TRL's default is 'none'.",
     )
-    wandb_entity: Optional[str] = option(None, help="wandb entity (team or user) of the run.")
-    wandb_project: Optional[str] = option(None, help="wandb project of the run.")
-    wandb_run_group: Optional[str] = option(None, help="wandb group of the run.")
+    wandb_entity: str | None = option(None, help="wandb entity (team or user) of the run.")
+    wandb_project: str | None = option(None, help="wandb project of the run.")
+    wandb_run_group: str | None = option(None, help="wandb group of the run.")
     log_completions: bool = option(
         False, help="Log a sample of (prompt, completion, rewards) every logging_steps."
     )
-    num_completions_to_print: Optional[int] = option(
+    num_completions_to_print: int | None = option(
         None,
         help="How many of the logged completions to print to stdout; None prints all of them "
         "(TRL's default; open-r1's is 0).",
@@ -65,7 +65,7 @@ class GRPOConfig:
     lr_scheduler_type: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"
     ] = option("linear", help="Learning-rate schedule after warm-up.")
-    lr_scheduler_kwargs: Optional[dict[str, Any]] = option(
+    lr_scheduler_kwargs: dict[str, Any] | None = option(
         None,
         help="Schedule parameters: cosine_with_min_lr needs exactly one of min_lr (absolute) or "
         "min_lr_rate (fraction of learning_rate).",
@@ -98,7 +98,7 @@ class GRPOConfig:
     adam_beta1: float = option(0.9, help="AdamW beta1.")
     adam_beta2: float = option(0.999, help="AdamW beta2.")
     adam_epsilon: float = option(1e-8, help="AdamW epsilon.")
-    bf16: Optional[bool] = option(
+    bf16: bool | None = option(
         None, help="Train in bf16 mixed precision; None means True unless fp16 is set (TRL)."
     )
     fp16: bool = option(False, help="Train in fp16 mixed precision with loss scaling.")
@@ -113,7 +113,7 @@ class GRPOConfig:
     num_generations: int = option(
         8, help="Completions sampled per prompt (the group size G); at least 2."
     )
-    max_prompt_length: Optional[int] = option(
+    max_prompt_length: int | None = option(
         512,
         help="Prompts longer than this many tokens are truncated from the left; None keeps them "
         "whole. (TRL removed this key in 0.28; open-r1 recipes still set it.)",
@@ -122,18 +122,18 @@ class GRPOConfig:
     temperature: float = option(1.0, help="Sampling temperature (> 0).")
     top_p: float = option(1.0, help="Nucleus sampling probability mass, in (0, 1].")
     top_k: int = option(0, help="Top-k sampling; 0 (or -1, vLLM's spelling) disables it.")
-    min_p: Optional[float] = option(
+    min_p: float | None = option(
         None, help="Minimum token probability relative to the most likely token, in [0, 1]."
     )
     repetition_penalty: float = option(
         1.0, help="Sampling repetition penalty (> 0); 1.0 disables it."
     )
-    system_prompt: Optional[str] = option(
+    system_prompt: str | None = option(
         R1_SYSTEM_PROMPT,
         help="System message put before every prompt; null for none. Defaults to the R1 "
         "<think>/<answer> prompt of the seed's conversation format (open-r1's default is None).",
     )
-    chat_template: Optional[str] = option(
+    chat_template: str | None = option(
         None, help="Jinja chat template replacing the tokenizer's; None keeps the tokenizer's."
     )
 
@@ -144,12 +144,12 @@ class GRPOConfig:
         "default; DeepSeek-R1 used 0.001).",
     )
     epsilon: float = option(0.2, help="Lower clipping range of the policy ratio: 1 - epsilon.")
-    epsilon_high: Optional[float] = option(
+    epsilon_high: float | None = option(
         None,
         help="Upper clipping range 1 + epsilon_high (DAPO's clip-higher, e.g. 0.28); None uses "
         "epsilon.",
     )
-    delta: Optional[float] = option(
+    delta: float | None = option(
         None,
         help="Two-sided clipping (INTELLECT-2): ratios of negative-advantage tokens are capped at "
         "delta (> 1, best > 1 + epsilon); None disables.",
@@ -200,7 +200,7 @@ class GRPOConfig:
     vllm_enable_sleep_mode: bool = option(
         False, help="Offload a colocated engine's weights and KV cache while the trainer updates."
     )
-    vllm_max_model_length: Optional[int] = option(
+    vllm_max_model_length: int | None = option(
         None,
         help="Context window of the engines; None derives it from the model (>= prompt + "
         "completion).",
@@ -220,14 +220,14 @@ class GRPOConfig:
     save_strategy: Literal["no", "steps", "epoch"] = option(
         "steps", help="When to save checkpoints.", aliases=_NO
     )
-    save_steps: Union[int, float] = option(
+    save_steps: int | float = option(
         500,
         help="Save every this many steps (save_strategy=steps); below 1, a fraction of the total.",
     )
-    save_total_limit: Optional[int] = option(
+    save_total_limit: int | None = option(
         None, help="Keep at most this many checkpoints, deleting the oldest; None keeps all."
     )
-    resume_from_checkpoint: Union[bool, str, None] = option(
+    resume_from_checkpoint: bool | str | None = option(
         None,
         help="Checkpoint directory to resume from; true resumes from the newest checkpoint in "
         "output_dir.",
@@ -235,7 +235,7 @@ class GRPOConfig:
     eval_strategy: Literal["no", "steps", "epoch"] = option(
         "no", help="When to evaluate on dataset_test_split.", aliases=_NO
     )
-    eval_steps: Union[int, float, None] = option(
+    eval_steps: int | float | None = option(
         None, help="Evaluate every this many steps (eval_strategy=steps); None uses logging_steps."
     )
 
