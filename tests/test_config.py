@@ -220,6 +220,7 @@ ACC_FMT = ["accuracy", "format"]
          "out/checkpoint-5"),
         (["--report_to", "none"], "training", "report_to", []),
         (["--report_to", "all"], "training", "report_to", ["wandb"]),
+        (["--report_to", "jsonl,wandb,wandb"], "training", "report_to", ["wandb"]),
         (["--lr_scheduler_kwargs", "{min_lr_rate: 0.1}"], "training", "lr_scheduler_kwargs",
          {"min_lr_rate": 0.1}),
         (["--tensor_model_parallel_size", "2"], "megatron", "tensor_model_parallel_size", 2),
@@ -247,10 +248,11 @@ def test_dataset_mixture_from_the_command_line():
 
 def test_yaml_1_1_quirks_are_read_as_meant(tmp_path):
     # PyYAML reads 1e-6 as a string and an unquoted `no` as False.
-    path = write(tmp_path, "learning_rate: 1e-6\nsave_strategy: no\nscale_rewards: true\n")
-    r = load_quiet(path)
+    text = "learning_rate: 1e-6\nsave_strategy: no\nscale_rewards: true\nbf16: 0\nfp16: 1\n"
+    r = load_quiet(write(tmp_path, text))
     assert r.training.learning_rate == 1e-6 and r.training.save_strategy == "no"
     assert r.training.scale_rewards == "group"
+    assert r.training.bf16 is False and r.training.fp16 is True
 
 
 def test_no_recipe_file_gives_the_defaults_plus_overrides():
@@ -284,6 +286,7 @@ def test_no_recipe_file_gives_the_defaults_plus_overrides():
         ("learning_rate: fast\n", [], ["learning_rate='fast'", "expected float"]),
         ("", ["--learning_rate", "1e-6x"], ["learning_rate='1e-6x'", "float", "[command line]"]),
         ("bf16: maybe\n", [], ["bf16='maybe'", "expected bool"]),
+        ("bf16: 2\n", [], ["bf16=2 (int)", "expected bool"]),
         ("reward_funcs: {a: 1}\n", [], ["reward_funcs={'a': 1}", "a list of str"]),
         ("reward_weights: [1.0, heavy]\n", [], ["reward_weights[1]='heavy'", "float"]),
         ("lr_scheduler_kwargs: [1, 2]\n", [], ["lr_scheduler_kwargs=[1, 2]", "a mapping"]),

@@ -84,6 +84,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if type(value) is int and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.strip().lower() in TRUE_STRINGS | FALSE_STRINGS:
             return value.strip().lower() in TRUE_STRINGS
         raise _fail(key, value, tp)

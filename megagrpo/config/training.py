@@ -43,8 +43,9 @@ class GRPOConfig:
     )
     report_to: list[str] = option(
         [],
-        help="Trackers besides stdout and the JSONL metrics file: 'wandb', or 'none' / [] for "
-        "none; 'all' means every tracker megagrpo has (wandb). TRL's default is 'none'.",
+        help="Trackers besides stdout and the JSONL metrics file (always written, so 'jsonl' "
+        "is accepted and dropped): 'wandb', or 'none' / [] for none; 'all' means every tracker "
+        "megagrpo has (wandb). TRL's default is 'none'.",
     )
     wandb_entity: str | None = option(None, help="wandb entity (team or user) of the run.")
     wandb_project: str | None = option(None, help="wandb project of the run.")
@@ -115,8 +116,12 @@ class GRPOConfig:
     )
     max_prompt_length: int | None = option(
         512,
-        help="Prompts longer than this many tokens are truncated from the left; None keeps them "
-        "whole. (TRL removed this key in 0.28; open-r1 recipes still set it.)",
+        help="Longest prompt in tokens, chat template included; longer prompts are skipped (and "
+        "counted) or raise, as long_prompts says, never cut. None: no limit. (TRL removed this "
+        "key in 0.28 and used to truncate; open-r1 recipes still set it.)",
+    )
+    long_prompts: Literal["skip", "error"] = option(
+        "skip", help="What a prompt over max_prompt_length does: skip (drop and count) or error."
     )
     max_completion_length: int = option(512, help="Maximum completion length in tokens.")
     temperature: float = option(1.0, help="Sampling temperature (> 0).")
@@ -246,6 +251,8 @@ class GRPOConfig:
             self.report_to = [self.report_to]
         names: list[str] = []
         for name in self.report_to:
-            expanded = list(REPORT_TO) if name == "all" else [] if name == "none" else [name]
+            expanded = (
+                list(REPORT_TO) if name == "all" else [] if name in ("none", "jsonl") else [name]
+            )
             names += [n for n in expanded if n not in names]
         self.report_to = names
