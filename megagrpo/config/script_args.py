@@ -1,0 +1,143 @@
+"""Script arguments: which data to train on and how the rewards are computed.
+
+Field names and defaults follow open-r1's ``GRPOScriptArguments`` (itself TRL's ``ScriptArguments``
+plus the reward parameters), so an open-r1 recipe's keys mean the same thing here. Where the seed
+document gives a default, the seed wins; where megagrpo differs from open-r1, the help says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megagrpo.config.fields import option
+
+#: Reward functions a recipe may name in ``reward_funcs``: the seed's six (accuracy, format,
+#: reasoning_steps, cosine, repetition_penalty, length) plus open-r1's tag_count and DAPO's soft
+#: overlong punishment. open-r1's code rewards (code, code_format, ioi_code) need a code sandbox
+#: and are not part of megagrpo.
+REWARD_FUNCS = (
+    "accuracy",
+    "format",
+    "tag_count",
+    "reasoning_steps",
+    "cosine",
+    "repetition_penalty",
+    "length",
+    "soft_overlong_punishment",
+)
+
+#: The R1 system prompt the seed's conversation format describes: reasoning in <think>, the final
+#: answer in <answer>.
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
+    "here </think><answer> answer here </answer>"
+)
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of a ``dataset_mixture`` (open-r1's shape)."""
+
+    id: str = option(help="Hub id or local path of the dataset.")
+    config: str | None = option(None, help="Dataset configuration (subset) name.")
+    split: str = option("train", help="Split to take the examples from.")
+    columns: list[str] | None = option(
+        None,
+        help="Columns to keep; every dataset of a mixture must keep the same columns. None keeps "
+        "all.",
+    )
+    weight: float = option(
+        1.0,
+        help="Fraction of this dataset to use, in (0, 1]: the first weight x len(dataset) rows "
+        "after a shuffle with the mixture's seed (open-r1's meaning).",
+    )
+
+
+@dataclass
+class DatasetMixtureConfig:
+    """Several datasets concatenated into one training set (open-r1's ``dataset_mixture``)."""
+
+    datasets: list[DatasetConfig] = option(help="The datasets of the mixture.")
+    seed: int = option(0, help="Seed of the shuffles that take each dataset's fraction.")
+    test_split_size: float | None = option(
+        None, help="Fraction in (0, 1) of the mixture held out as the test split; None keeps none."
+    )
+
+
+@dataclass
+class GRPOScriptArguments:
+    """Data and reward settings of a GRPO run (open-r1's ``GRPOScriptArguments``)."""
+
+    # ---- data ----
+    dataset_name: str | None = option(
+        None, help="Hub id or local path of the training dataset. Set this or dataset_mixture."
+    )
+    dataset_config: str | None = option(None, help="Dataset configuration (subset) name.")
+    dataset_train_split: str = option("train", help="Split used for training.")
+    dataset_test_split: str = option("test", help="Split used for evaluation (eval_strategy).")
+    dataset_prompt_column: str = option(
+        "problem",
+        help="Column holding the prompt text. open-r1's field default is 'prompt'; megagrpo "
+        "defaults to 'problem', the column of the math datasets open-r1's recipes use.",
+    )
+    dataset_solution_column: str = option(
+        "solution",
+        help="Column holding the reference answer, passed to the rewards as `solution`.",
+    )
+    dataset_mixture: DatasetMixtureConfig | None = option(
+        None,
+        help="A mixture of datasets instead of dataset_name, in open-r1's YAML shape: "
+        "{datasets: [{id, config, split, columns, weight}, ...], seed, test_split_size}.",
+    )
+
+    # ---- rewards ----
+    reward_funcs: list[str] = option(
+        ["accuracy", "format"],
+        help="Reward functions to combine, from: " + ", ".join(REWARD_FUNCS) + ". Defaults to the "
+        "seed's basic pair accuracy + format (open-r1's default adds tag_count).",
+    )
+    reward_weights: list[float] | None = option(
+        None,
+        help="One weight per reward function (same order); None weights every function 1.0. "
+        "TRL keeps this field in GRPOConfig; the recipe key is the same.",
+    )
+    cosine_min_value_wrong: float = option(
+        0.0, help="Cosine-scaled reward of a wrong answer at length 0."
+    )
+    cosine_max_value_wrong: float = option(
+        -0.5, help="Cosine-scaled reward of a wrong answer at cosine_max_len."
+    )
+    cosine_min_value_correct: float = option(
+        0.5, help="Cosine-scaled reward of a correct answer at cosine_max_len."
+    )
+    cosine_max_value_correct: float = option(
+        1.0, help="Cosine-scaled reward of a correct answer at length 0."
+    )
+    cosine_max_len: int = option(
+        1000, help="Completion length at which the cosine scaling reaches its end value."
+    )
+    repetition_n_grams: int = option(3, help="n-gram size of the repetition penalty reward.")
+    repetition_max_penalty: float = option(
+        -1.0, help="Penalty (<= 0) of a completion made only of repeated n-grams."
+    )
+    max_completion_len: int = option(
+        16384,
+        help="L_max of DAPO's soft overlong punishment, in completion tokens: longer completions "
+        "get -1.",
+    )
+    soft_punish_cache: int = option(
+        4096,
+        help="L_cache of DAPO's soft overlong punishment: the penalty ramps linearly from 0 to -1 "
+        "over the last soft_punish_cache tokens before max_completion_len.",
+    )
+    reward_timeout_seconds: float = option(
+        10.0,
+        help="Hard time limit of one reward call in a worker process; a call past it is killed and "
+        "scores None (NaN), and the worker is replaced.",
+    )
+    num_reward_workers: int = option(
+        4, help="Number of reward worker processes (each scores one sample at a time)."
+    )

@@ -1,0 +1,308 @@
+"""Static rules of a recipe: everything that can be checked without the cluster or the model.
+
+``validate_recipe`` collects every violation into one ConfigError; each message names the fields,
+their values and the rule. Range checks are written ``not (low < x)`` so NaN fails them too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import TYPE_CHECKING
+
+from megagrpo.config.errors import ConfigError
+from megagrpo.config.script_args import REWARD_FUNCS
+from megagrpo.config.training import REPORT_TO
+
+if TYPE_CHECKING:
+    from megagrpo.config.recipe import Recipe
+
+
+def transformer_engine_available() -> bool:
+    """True when ``transformer_engine`` can be imported (found, not imported: that is slow)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Raise ConfigError listing every static rule the recipe breaks."""
+    errors: list[str] = []
+    _check_data(recipe, errors)
+    _check_rewards(recipe, errors)
+    _check_optimisation(recipe, errors)
+    _check_generation_and_loss(recipe, errors)
+    _check_logging_and_saving(recipe, errors)
+    _check_megatron(recipe, errors)
+    if errors:
+        raise ConfigError(errors)
+
+
+def _check_data(recipe: Recipe, errors: list[str]) -> None:
+    s, m = recipe.script, recipe.model
+    if m.model_name_or_path is None:
+        errors.append("model_name_or_path is not set: name the Hugging Face checkpoint to train")
+    if (s.dataset_name is None) == (s.dataset_mixture is None):
+        errors.append(
+            f"set exactly one of dataset_name={s.dataset_name!r} and dataset_mixture"
+            f"{'=<set>' if s.dataset_mixture else '=None'}"
+        )
+    mix = s.dataset_mixture
+    if mix is None:
+        return
+    if not mix.datasets:
+        errors.append("dataset_mixture.datasets is empty: list at least one dataset")
+    for i, d in enumerate(mix.datasets):
+        if not (0.0 < d.weight <= 1.0):
+            errors.append(
+                f"dataset_mixture.datasets[{i}].weight={d.weight} ({d.id}) must be in (0, 1]: "
+                "it is the fraction of the dataset used"
+            )
+    columns = {i: sorted(d.columns) for i, d in enumerate(mix.datasets) if d.columns is not None}
+    if len({tuple(c) for c in columns.values()}) > 1:
+        errors.append(
+            "dataset_mixture.datasets[*].columns must be the same for every dataset, got "
+            + "; ".join(f"[{i}]: {c}" for i, c in columns.items())
+        )
+    if mix.test_split_size is not None and not (0.0 < mix.test_split_size < 1.0):
+        errors.append(f"dataset_mixture.test_split_size={mix.test_split_size} must be in (0, 1)")
+
+
+def _check_rewards(recipe: Recipe, errors: list[str]) -> None:
+    s = recipe.script
+    if not s.reward_funcs:
+        errors.append("reward_funcs is empty: name at least one reward function")
+    for name in s.reward_funcs:
+        if name not in REWARD_FUNCS:
+            errors.append(
+                f"reward_funcs contains {name!r}, which is not a megagrpo reward; choose from "
+                + ", ".join(REWARD_FUNCS)
+            )
+    dupes = sorted({n for n in s.reward_funcs if s.reward_funcs.count(n) > 1})
+    if dupes:
+        errors.append(f"reward_funcs names {', '.join(dupes)} more than once")
+    if s.reward_weights is not None:
+        if len(s.reward_weights) != len(s.reward_funcs):
+            errors.append(
+                f"reward_weights has {len(s.reward_weights)} entries {s.reward_weights} but "
+                f"reward_funcs has {len(s.reward_funcs)} {s.reward_funcs}: one weight per function"
+            )
+        if not all(math.isfinite(w) for w in s.reward_weights):
+            errors.append(f"reward_weights={s.reward_weights} must all be finite")
+    if s.repetition_max_penalty > 0:
+        errors.append(
+            f"repetition_max_penalty={s.repetition_max_penalty} must be <= 0 (it is a penalty)"
+        )
+    _at_least(errors, "repetition_n_grams", s.repetition_n_grams, 1)
+    _at_least(errors, "cosine_max_len", s.cosine_max_len, 1)
+    _at_least(errors, "max_completion_len", s.max_completion_len, 1)
+    if not (0 <= s.soft_punish_cache < s.max_completion_len):
+        errors.append(
+            f"soft_punish_cache={s.soft_punish_cache} must be in [0, max_completion_len="
+            f"{s.max_completion_len}): the punishment ramps over the last soft_punish_cache tokens"
+        )
+    if not (s.reward_timeout_seconds > 0):
+        errors.append(f"reward_timeout_seconds={s.reward_timeout_seconds} must be > 0")
+    _at_least(errors, "num_reward_workers", s.num_reward_workers, 1)
+
+
+def _check_optimisation(recipe: Recipe, errors: list[str]) -> None:
+    t = recipe.training
+    if not (t.learning_rate > 0):
+        errors.append(f"learning_rate={t.learning_rate} must be > 0")
+    if not (0.0 <= t.warmup_ratio <= 1.0):
+        errors.append(f"warmup_ratio={t.warmup_ratio} must be in [0, 1]")
+    _at_least(errors, "warmup_steps", t.warmup_steps, 0)
+    if t.warmup_ratio > 0 and t.warmup_steps > 0:
+        errors.append(
+            f"warmup_ratio={t.warmup_ratio} and warmup_steps={t.warmup_steps} are both set: "
+            "set one of them"
+        )
+    if t.lr_scheduler_type == "cosine_with_min_lr":
+        kwargs = t.lr_scheduler_kwargs or {}
+        if ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+            errors.append(
+                f"lr_scheduler_type='cosine_with_min_lr' needs exactly one of min_lr or "
+                f"min_lr_rate in lr_scheduler_kwargs, got lr_scheduler_kwargs={kwargs}"
+            )
+    if t.max_steps == 0 or t.max_steps < -1:
+        errors.append(f"max_steps={t.max_steps} must be > 0, or -1 to use num_train_epochs")
+    if t.max_steps == -1 and not (t.num_train_epochs > 0):
+        errors.append(f"num_train_epochs={t.num_train_epochs} must be > 0 when max_steps=-1")
+    _at_least(errors, "per_device_train_batch_size", t.per_device_train_batch_size, 1)
+    _at_least(errors, "per_device_eval_batch_size", t.per_device_eval_batch_size, 1)
+    _at_least(errors, "gradient_accumulation_steps", t.gradient_accumulation_steps, 1)
+    if not (t.max_grad_norm >= 0):
+        errors.append(f"max_grad_norm={t.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if not (t.weight_decay >= 0):
+        errors.append(f"weight_decay={t.weight_decay} must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not (0.0 <= getattr(t, name) < 1.0):
+            errors.append(f"{name}={getattr(t, name)} must be in [0, 1)")
+    if not (t.adam_epsilon > 0):
+        errors.append(f"adam_epsilon={t.adam_epsilon} must be > 0")
+    if t.bf16 and t.fp16:
+        errors.append("bf16=True and fp16=True: choose one mixed precision")
+
+
+def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
+    t = recipe.training
+    if t.num_generations < 2:
+        errors.append(
+            f"num_generations={t.num_generations} must be >= 2: GRPO's advantages compare the "
+            "completions of a group"
+        )
+    if t.max_prompt_length is not None:
+        _at_least(errors, "max_prompt_length", t.max_prompt_length, 1)
+    _at_least(errors, "max_completion_length", t.max_completion_length, 1)
+    if not (t.temperature > 0):
+        errors.append(f"temperature={t.temperature} must be > 0")
+    if not (0.0 < t.top_p <= 1.0):
+        errors.append(f"top_p={t.top_p} must be in (0, 1]")
+    _at_least(errors, "top_k", t.top_k, -1)
+    if t.min_p is not None and not (0.0 <= t.min_p <= 1.0):
+        errors.append(f"min_p={t.min_p} must be in [0, 1]")
+    if not (t.repetition_penalty > 0):
+        errors.append(f"repetition_penalty={t.repetition_penalty} must be > 0")
+    if not (t.beta >= 0):
+        errors.append(f"beta={t.beta} must be >= 0 (0 drops the KL term)")
+    if not (0.0 < t.epsilon < 1.0):
+        errors.append(f"epsilon={t.epsilon} must be in (0, 1): the ratio is clipped to 1 - epsilon")
+    if t.epsilon_high is not None and not (t.epsilon_high >= t.epsilon):
+        errors.append(
+            f"epsilon_high={t.epsilon_high} must be >= epsilon={t.epsilon} (clip-higher widens "
+            "the upper range)"
+        )
+    if t.delta is not None and not (t.delta > 1.0):
+        errors.append(f"delta={t.delta} must be > 1 (it caps the ratio of negative advantages)")
+    _at_least(errors, "num_iterations", t.num_iterations, 1)
+    if not (0.0 < t.vllm_gpu_memory_utilization <= 1.0):
+        errors.append(
+            f"vllm_gpu_memory_utilization={t.vllm_gpu_memory_utilization} must be in (0, 1]"
+        )
+    _at_least(errors, "vllm_tensor_parallel_size", t.vllm_tensor_parallel_size, 1)
+    if not (1 <= t.vllm_server_port <= 65535):
+        errors.append(f"vllm_server_port={t.vllm_server_port} must be in [1, 65535]")
+    if not (t.vllm_importance_sampling_cap >= 1.0):
+        errors.append(
+            f"vllm_importance_sampling_cap={t.vllm_importance_sampling_cap} must be >= 1 "
+            "(a cap below 1 would shrink on-policy tokens)"
+        )
+    if t.vllm_max_model_length is not None and t.max_prompt_length is not None:
+        needed = t.max_prompt_length + t.max_completion_length
+        if t.vllm_max_model_length < needed:
+            errors.append(
+                f"vllm_max_model_length={t.vllm_max_model_length} must be >= max_prompt_length="
+                f"{t.max_prompt_length} + max_completion_length={t.max_completion_length}"
+            )
+
+
+def _check_logging_and_saving(recipe: Recipe, errors: list[str]) -> None:
+    t = recipe.training
+    for name in ("logging_steps", "save_steps") + (("eval_steps",) if t.eval_steps else ()):
+        value = getattr(t, name)
+        if not (value > 0) or (value >= 1 and value != int(value)):
+            errors.append(
+                f"{name}={value} must be a whole number of steps >= 1, or a fraction in (0, 1) "
+                "of the total steps"
+            )
+    if t.save_total_limit is not None:
+        _at_least(errors, "save_total_limit", t.save_total_limit, 1)
+    if t.num_completions_to_print is not None:
+        _at_least(errors, "num_completions_to_print", t.num_completions_to_print, 0)
+    for name in t.report_to:
+        if name not in REPORT_TO:
+            errors.append(
+                f"report_to contains {name!r}: megagrpo reports to stdout and JSONL always and "
+                f"otherwise to {', '.join(REPORT_TO)} (or 'all' / 'none')"
+            )
+
+
+def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
+    mc, t = recipe.megatron, recipe.training
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size", "make_vocab_size_divisible_by",
+                 "distributed_timeout_minutes"):
+        _at_least(errors, name, getattr(mc, name), 1)
+    check_sequence_parallel(mc.sequence_parallel, mc.tensor_model_parallel_size, errors)
+    vpp = mc.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        _at_least(errors, "virtual_pipeline_model_parallel_size", vpp, 1)
+        if mc.pipeline_model_parallel_size < 2:
+            errors.append(
+                f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size "
+                f"> 1, got {mc.pipeline_model_parallel_size}"
+            )
+    per_rank = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if mc.micro_batch_size is not None:
+        if mc.micro_batch_size < 1 or per_rank % mc.micro_batch_size:
+            errors.append(
+                f"micro_batch_size={mc.micro_batch_size} must divide per_device_train_batch_size="
+                f"{t.per_device_train_batch_size} x gradient_accumulation_steps="
+                f"{t.gradient_accumulation_steps} = {per_rank}"
+            )
+    _check_recompute(recipe, errors)
+    _check_fp8(recipe, errors)
+    if mc.overlap_param_gather and not (mc.use_distributed_optimizer and mc.overlap_grad_reduce):
+        errors.append(
+            f"overlap_param_gather=True needs use_distributed_optimizer=True and "
+            f"overlap_grad_reduce=True, got use_distributed_optimizer="
+            f"{mc.use_distributed_optimizer}, overlap_grad_reduce={mc.overlap_grad_reduce}"
+        )
+
+
+def _check_recompute(recipe: Recipe, errors: list[str]) -> None:
+    mc, t = recipe.megatron, recipe.training
+    if mc.recompute_num_layers is not None:
+        _at_least(errors, "recompute_num_layers", mc.recompute_num_layers, 1)
+    explicit = mc.recompute_method is not None or mc.recompute_num_layers is not None
+    if mc.recompute_granularity == "selective" and explicit:
+        errors.append(
+            f"recompute_granularity='selective' takes no recompute_method={mc.recompute_method!r}"
+            f" / recompute_num_layers={mc.recompute_num_layers} (they apply to 'full' only)"
+        )
+    if mc.recompute_granularity is None and not t.gradient_checkpointing and explicit:
+        errors.append(
+            f"recompute_method={mc.recompute_method!r} / recompute_num_layers="
+            f"{mc.recompute_num_layers} are set but recompute is off (gradient_checkpointing="
+            "False, recompute_granularity=None): set recompute_granularity='full'"
+        )
+
+
+def _check_fp8(recipe: Recipe, errors: list[str]) -> None:
+    mc = recipe.megatron
+    if mc.fp8_recipe is not None and mc.fp8 is None:
+        errors.append(f"fp8_recipe={mc.fp8_recipe!r} is set but fp8=None: set fp8 (e4m3 / hybrid)")
+    if mc.fp8_param_gather and mc.fp8 is None:
+        errors.append("fp8_param_gather=True needs fp8 (e4m3 / hybrid)")
+    _at_least(errors, "fp8_amax_history_len", mc.fp8_amax_history_len, 1)
+    _at_least(errors, "fp8_margin", mc.fp8_margin, 0)
+    needs_te = {
+        "fp8": mc.fp8 is not None,
+        "transformer_impl": mc.transformer_impl == "transformer_engine",
+        "context_parallel_size": mc.context_parallel_size > 1,
+    }
+    values = {
+        "fp8": repr(mc.fp8),
+        "transformer_impl": repr(mc.transformer_impl),
+        "context_parallel_size": mc.context_parallel_size,
+    }
+    asked = [name for name, needed in needs_te.items() if needed]
+    if asked and not transformer_engine_available():
+        for name in asked:
+            errors.append(
+                f"{name}={values[name]} needs Transformer Engine, which is not importable here "
+                "(install megagrpo[gpu] on a CUDA machine)"
+            )
+
+
+def check_sequence_parallel(sequence_parallel: bool, tp: int, errors: list[str]) -> None:
+    """sequence_parallel shards activations over the TP group, so it needs TP > 1."""
+    if sequence_parallel and tp < 2:
+        errors.append(
+            f"sequence_parallel=True needs tensor_model_parallel_size > 1, got "
+            f"tensor_model_parallel_size={tp}"
+        )
+
+
+def _at_least(errors: list[str], name: str, value: int | float, low: int | float) -> None:
+    if not (value >= low):
+        errors.append(f"{name}={value} must be >= {low}")
