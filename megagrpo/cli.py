@@ -83,6 +83,27 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args, rest: list[str]) -> int:
+    """Load and validate the recipe (and the layout against the model, when it is local)."""
+    import os
+
+    from megagrpo.config import load_recipe, validate_layout, validate_recipe
+    from megagrpo.models.arch import load_arch
+
+    recipe = load_recipe(args.config, rest)
+    validate_recipe(recipe)
+    model_dir = recipe.model.model_name_or_path
+    if model_dir and os.path.isdir(model_dir):
+        arch = load_arch(model_dir)
+        layout = validate_layout(
+            recipe,
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            num_layers=arch.num_layers,
+            num_attention_heads=arch.num_attention_heads,
+            num_query_groups=arch.num_query_groups,
+        )
+        print(f"recipe OK: {arch.family} model, layout {layout}")
+    else:
+        print(f"recipe OK (model {model_dir!r} is not a local directory: layout not checked)")
     print(
         "megagrpo train: the GRPO training loop is not built yet (it is tracked as its own "
         "issue). The foundation exists: `megagrpo demo`, `megagrpo convert`.",
@@ -108,16 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_optional_dependency_warnings()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        return _cmd_train(args, rest)
-    if rest:
+    if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from megagrpo.config import ConfigError
     from megagrpo.conversion.safetensors_io import CheckpointError
     from megagrpo.models.arch import ArchitectureError
 
     try:
+        if args.command == "train":
+            return _cmd_train(args, rest)
         return {"demo": _cmd_demo, "convert": _cmd_convert}[args.command](args)
-    except (ArchitectureError, CheckpointError, FileNotFoundError) as e:
+    except (ArchitectureError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"megagrpo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -166,8 +166,14 @@ wandb_project: open-r1
     assert r.training.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert r.training.wandb_entity == "huggingface" and r.training.temperature == 0.7
     assert set(r.unused) == {
-        "use_liger_kernel", "vllm_device", "benchmarks", "callbacks", "hub_model_revision",
-        "code_language", "code_eval_test_batch_size", "code_eval_scoring_mode",
+        "use_liger_kernel",
+        "vllm_device",
+        "benchmarks",
+        "callbacks",
+        "hub_model_revision",
+        "code_language",
+        "code_eval_test_batch_size",
+        "code_eval_scoring_mode",
     }
     validate_recipe(r)
 
@@ -199,7 +205,15 @@ ACC_FMT = ["accuracy", "format"]
         (["--reward_funcs", "accuracy", "format"], "script", "reward_funcs", ACC_FMT),
         (["--reward_funcs", "[accuracy, format]"], "script", "reward_funcs", ACC_FMT),
         (["--reward_funcs=accuracy"], "script", "reward_funcs", ["accuracy"]),
-        (["--reward_weights", "0.5,2"], "script", "reward_weights", [0.5, 2.0, ]),
+        (
+            ["--reward_weights", "0.5,2"],
+            "script",
+            "reward_weights",
+            [
+                0.5,
+                2.0,
+            ],
+        ),
         (["--reward_weights", "[1, 2e-1]"], "script", "reward_weights", [1.0, 0.2]),
         (["--reward_weights", "null"], "script", "reward_weights", None),
         (["--repetition_max_penalty", "-0.5"], "script", "repetition_max_penalty", -0.5),
@@ -210,19 +224,31 @@ ACC_FMT = ["accuracy", "format"]
         (["--fp8", "hybrid"], "megatron", "fp8", "hybrid"),
         (["--recompute_granularity", "none"], "megatron", "recompute_granularity", None),
         (["--dtype", "float32"], "model", "torch_dtype", "float32"),
-        (["--system_prompt", "Answer: briefly, please"], "training", "system_prompt",
-         "Answer: briefly, please"),
+        (
+            ["--system_prompt", "Answer: briefly, please"],
+            "training",
+            "system_prompt",
+            "Answer: briefly, please",
+        ),
         (["--system_prompt", "null"], "training", "system_prompt", None),
         (["--save_steps", "100"], "training", "save_steps", 100),
         (["--eval_steps", "0.25"], "training", "eval_steps", 0.25),
         (["--resume_from_checkpoint", "true"], "training", "resume_from_checkpoint", True),
-        (["--resume_from_checkpoint", "out/checkpoint-5"], "training", "resume_from_checkpoint",
-         "out/checkpoint-5"),
+        (
+            ["--resume_from_checkpoint", "out/checkpoint-5"],
+            "training",
+            "resume_from_checkpoint",
+            "out/checkpoint-5",
+        ),
         (["--report_to", "none"], "training", "report_to", []),
         (["--report_to", "all"], "training", "report_to", ["wandb"]),
         (["--report_to", "jsonl,wandb,wandb"], "training", "report_to", ["wandb"]),
-        (["--lr_scheduler_kwargs", "{min_lr_rate: 0.1}"], "training", "lr_scheduler_kwargs",
-         {"min_lr_rate": 0.1}),
+        (
+            ["--lr_scheduler_kwargs", "{min_lr_rate: 0.1}"],
+            "training",
+            "lr_scheduler_kwargs",
+            {"min_lr_rate": 0.1},
+        ),
         (["--tensor_model_parallel_size", "2"], "megatron", "tensor_model_parallel_size", 2),
         (["--micro_batch_size", "null"], "megatron", "micro_batch_size", None),
     ],
@@ -276,8 +302,11 @@ def test_no_recipe_file_gives_the_defaults_plus_overrides():
     "yaml_text, argv, expected",
     [
         ("learning_rat: 1.0e-6\n", [], ["unknown key 'learning_rat'", "learning_rate"]),
-        ("", ["--num_generation", "4"],
-         ["unknown key 'num_generation'", "num_generations", "[command line]"]),
+        (
+            "",
+            ["--num_generation", "4"],
+            ["unknown key 'num_generation'", "num_generations", "[command line]"],
+        ),
         ("tensor_parallel_size: 2\n", [], ["tensor_parallel_size", "tensor_model_parallel_size"]),
         ("xyzzy: 1\n", [], ["unknown key 'xyzzy'", "no similar key"]),
         ("num_generations: sixteen\n", [], ["num_generations='sixteen'", "expected int"]),
@@ -298,18 +327,30 @@ def test_no_recipe_file_gives_the_defaults_plus_overrides():
         ("vllm_mode: remote\n", [], ["vllm_mode='remote'", "'server', 'colocate'"]),
         ("fp8: e4m4\n", [], ["fp8='e4m4'", "'e4m3', 'hybrid'"]),
         ("fp8_recipe: current\n", [], ["fp8_recipe='current'", "'delayed'"]),
-        ("lr_scheduler_type: cosine_with_restarts\n", [],
-         ["lr_scheduler_type='cosine_with_restarts'", "'cosine_with_min_lr'"]),
+        (
+            "lr_scheduler_type: cosine_with_restarts\n",
+            [],
+            ["lr_scheduler_type='cosine_with_restarts'", "'cosine_with_min_lr'"],
+        ),
         ("importance_sampling_level: sentence\n", [], ["importance_sampling_level='sentence'"]),
         ("scale_rewards: std\n", [], ["scale_rewards='std'", "'group', 'batch', 'none'"]),
         ("torch_dtype: fp8\n", [], ["torch_dtype='fp8'", "'bfloat16'"]),
         ("recompute_method: all\n", [], ["recompute_method='all'", "'uniform', 'block'"]),
-        ("dataset_mixture: {datasets: [{id: a, wieght: 0.5}]}\n", [],
-         ["dataset_mixture.datasets[0].wieght", "weight"]),
-        ("dataset_mixture: {datasets: [{split: train}]}\n", [],
-         ["dataset_mixture.datasets[0].id is required"]),
-        ("dataset_mixture: {datasets: [{id: a, weight: half}]}\n", [],
-         ["dataset_mixture.datasets[0].weight='half'", "float"]),
+        (
+            "dataset_mixture: {datasets: [{id: a, wieght: 0.5}]}\n",
+            [],
+            ["dataset_mixture.datasets[0].wieght", "weight"],
+        ),
+        (
+            "dataset_mixture: {datasets: [{split: train}]}\n",
+            [],
+            ["dataset_mixture.datasets[0].id is required"],
+        ),
+        (
+            "dataset_mixture: {datasets: [{id: a, weight: half}]}\n",
+            [],
+            ["dataset_mixture.datasets[0].weight='half'", "float"],
+        ),
         ("dataset_mixture: [a, b]\n", [], ["dataset_mixture=['a', 'b']", "DatasetMixtureConfig"]),
         ("dtype: float32\ntorch_dtype: bfloat16\n", [], ["dtype='float32'", "torch_dtype"]),
         ("seed: 1\nseed: 2\n", [], ["'seed' appears twice", "lines 1 and 2"]),
@@ -354,10 +395,25 @@ def test_config_error_is_a_value_error():
 
 
 def test_dump_and_load_round_trip(tmp_path):
-    r = load_quiet(DEMO, ["--dataset_name", "null", "--dataset_mixture", MIX,
-                          "--learning_rate", "1.5e-7", "--save_steps", "0.05",
-                          "--resume_from_checkpoint", "true", "--fp8", "e4m3",
-                          "--system_prompt", "line one\nline 'two': \"quoted\" # not a comment"])
+    r = load_quiet(
+        DEMO,
+        [
+            "--dataset_name",
+            "null",
+            "--dataset_mixture",
+            MIX,
+            "--learning_rate",
+            "1.5e-7",
+            "--save_steps",
+            "0.05",
+            "--resume_from_checkpoint",
+            "true",
+            "--fp8",
+            "e4m3",
+            "--system_prompt",
+            "line one\nline 'two': \"quoted\" # not a comment",
+        ],
+    )
     path = str(tmp_path / "dumped.yaml")
     text = dump_recipe(r, path)
     assert text == Path(path).read_text(encoding="utf-8")
@@ -366,7 +422,11 @@ def test_dump_and_load_round_trip(tmp_path):
         again = load_recipe(path, [])
     assert recipe_to_dict(again) == recipe_to_dict(r)
     assert (again.script, again.training, again.model, again.megatron) == (
-        r.script, r.training, r.model, r.megatron)
+        r.script,
+        r.training,
+        r.model,
+        r.megatron,
+    )
     assert again.unused == {} and len(r.unused) == len(DEMO_UNUSED)
 
 
@@ -380,8 +440,14 @@ def test_recipe_to_dict_is_flat_with_every_field_once():
 # the field convention
 
 
-ALL_CONFIGS = [GRPOScriptArguments, GRPOConfig, ModelConfig, MegatronConfig, DatasetConfig,
-               DatasetMixtureConfig]
+ALL_CONFIGS = [
+    GRPOScriptArguments,
+    GRPOConfig,
+    ModelConfig,
+    MegatronConfig,
+    DatasetConfig,
+    DatasetMixtureConfig,
+]
 
 
 @pytest.mark.parametrize("cls", ALL_CONFIGS, ids=lambda c: c.__name__)
@@ -398,9 +464,19 @@ def test_every_field_is_documented_and_its_default_has_its_type(cls):
 def test_trl_and_seed_defaults():
     t = GRPOConfig()
     assert (t.learning_rate, t.beta, t.epsilon, t.num_generations, t.loss_type) == (
-        1e-6, 0.0, 0.2, 8, "dapo")
+        1e-6,
+        0.0,
+        0.2,
+        8,
+        "dapo",
+    )
     assert (t.temperature, t.top_p, t.top_k, t.scale_rewards, t.logging_steps) == (
-        1.0, 1.0, 0, "group", 10)
+        1.0,
+        1.0,
+        0,
+        "group",
+        10,
+    )
     assert t.gradient_checkpointing is True and t.vllm_mode == "colocate"
     assert GRPOScriptArguments().reward_weights is None
     assert math.isclose(t.adam_epsilon, 1e-8)

@@ -49,40 +49,66 @@ def test_base_recipe_is_valid():
         # data
         (["--model_name_or_path", "null"], ["model_name_or_path is not set"]),
         (["--dataset_name", "null"], ["exactly one of dataset_name=None and dataset_mixture"]),
-        (["--dataset_mixture", "{datasets: [{id: a}]}"],
-         ["exactly one of dataset_name='d' and dataset_mixture"]),
-        (["--dataset_name", "null", "--dataset_mixture", "{datasets: []}"],
-         ["dataset_mixture.datasets is empty"]),
-        (["--dataset_name", "null", "--dataset_mixture", "{datasets: [{id: a, weight: 0}]}"],
-         ["dataset_mixture.datasets[0].weight=0.0 (a) must be in (0, 1]"]),
-        (["--dataset_name", "null", "--dataset_mixture",
-          "{datasets: [{id: a, columns: [x, y]}, {id: b, columns: [x]}]}"],
-         ["dataset_mixture.datasets[*].columns must be the same", "[0]: ['x', 'y']; [1]: ['x']"]),
-        (["--dataset_name", "null", "--dataset_mixture",
-          "{datasets: [{id: a}], test_split_size: 1}"],
-         ["dataset_mixture.test_split_size=1.0 must be in (0, 1)"]),
+        (
+            ["--dataset_mixture", "{datasets: [{id: a}]}"],
+            ["exactly one of dataset_name='d' and dataset_mixture"],
+        ),
+        (
+            ["--dataset_name", "null", "--dataset_mixture", "{datasets: []}"],
+            ["dataset_mixture.datasets is empty"],
+        ),
+        (
+            ["--dataset_name", "null", "--dataset_mixture", "{datasets: [{id: a, weight: 0}]}"],
+            ["dataset_mixture.datasets[0].weight=0.0 (a) must be in (0, 1]"],
+        ),
+        (
+            [
+                "--dataset_name",
+                "null",
+                "--dataset_mixture",
+                "{datasets: [{id: a, columns: [x, y]}, {id: b, columns: [x]}]}",
+            ],
+            ["dataset_mixture.datasets[*].columns must be the same", "[0]: ['x', 'y']; [1]: ['x']"],
+        ),
+        (
+            [
+                "--dataset_name",
+                "null",
+                "--dataset_mixture",
+                "{datasets: [{id: a}], test_split_size: 1}",
+            ],
+            ["dataset_mixture.test_split_size=1.0 must be in (0, 1)"],
+        ),
         # rewards
         (["--reward_funcs", ""], ["reward_funcs is empty"]),
         (["--reward_funcs", "accuracy,code"], ["reward_funcs contains 'code'", "tag_count"]),
         (["--reward_funcs", "accuracy,accuracy"], ["reward_funcs names accuracy more than once"]),
-        (["--reward_weights", "1,2,3"],
-         ["reward_weights has 3 entries [1.0, 2.0, 3.0]", "reward_funcs has 2"]),
+        (
+            ["--reward_weights", "1,2,3"],
+            ["reward_weights has 3 entries [1.0, 2.0, 3.0]", "reward_funcs has 2"],
+        ),
         (["--reward_weights", "1,inf"], ["reward_weights=[1.0, inf] must all be finite"]),
         (["--repetition_max_penalty", "0.5"], ["repetition_max_penalty=0.5 must be <= 0"]),
         (["--repetition_n_grams", "0"], ["repetition_n_grams=0 must be >= 1"]),
         (["--cosine_max_len", "0"], ["cosine_max_len=0 must be >= 1"]),
-        (["--soft_punish_cache", "20000"],
-         ["soft_punish_cache=20000 must be in [0, max_completion_len=16384)"]),
+        (
+            ["--soft_punish_cache", "20000"],
+            ["soft_punish_cache=20000 must be in [0, max_completion_len=16384)"],
+        ),
         (["--reward_timeout_seconds", "0"], ["reward_timeout_seconds=0.0 must be > 0"]),
         (["--num_reward_workers", "0"], ["num_reward_workers=0 must be >= 1"]),
         # optimisation
         (["--learning_rate", "0"], ["learning_rate=0.0 must be > 0"]),
         (["--learning_rate", "nan"], ["learning_rate=nan must be > 0"]),
         (["--warmup_ratio", "1.5"], ["warmup_ratio=1.5 must be in [0, 1]"]),
-        (["--warmup_ratio", "0.1", "--warmup_steps", "10"],
-         ["warmup_ratio=0.1 and warmup_steps=10 are both set"]),
-        (["--lr_scheduler_type", "cosine_with_min_lr"],
-         ["lr_scheduler_type='cosine_with_min_lr' needs exactly one of min_lr or min_lr_rate"]),
+        (
+            ["--warmup_ratio", "0.1", "--warmup_steps", "10"],
+            ["warmup_ratio=0.1 and warmup_steps=10 are both set"],
+        ),
+        (
+            ["--lr_scheduler_type", "cosine_with_min_lr"],
+            ["lr_scheduler_type='cosine_with_min_lr' needs exactly one of min_lr or min_lr_rate"],
+        ),
         (["--max_steps", "0"], ["max_steps=0 must be > 0, or -1"]),
         (["--num_train_epochs", "0"], ["num_train_epochs=0.0 must be > 0 when max_steps=-1"]),
         (["--per_device_train_batch_size", "0"], ["per_device_train_batch_size=0 must be >= 1"]),
@@ -108,11 +134,17 @@ def test_base_recipe_is_valid():
         (["--num_iterations", "0"], ["num_iterations=0 must be >= 1"]),
         (["--vllm_gpu_memory_utilization", "1.2"], ["vllm_gpu_memory_utilization=1.2"]),
         (["--vllm_server_port", "70000"], ["vllm_server_port=70000 must be in [1, 65535]"]),
-        (["--vllm_importance_sampling_cap", "0.5"],
-         ["vllm_importance_sampling_cap=0.5 must be >= 1"]),
-        (["--vllm_max_model_length", "1000"],
-         ["vllm_max_model_length=1000 must be >= max_prompt_length=512 + "
-          "max_completion_length=512"]),
+        (
+            ["--vllm_importance_sampling_cap", "0.5"],
+            ["vllm_importance_sampling_cap=0.5 must be >= 1"],
+        ),
+        (
+            ["--vllm_max_model_length", "1000"],
+            [
+                "vllm_max_model_length=1000 must be >= max_prompt_length=512 + "
+                "max_completion_length=512"
+            ],
+        ),
         # logging and saving
         (["--save_steps", "2.5"], ["save_steps=2.5 must be a whole number of steps"]),
         (["--logging_steps", "0"], ["logging_steps=0 must be a whole number"]),
@@ -120,31 +152,61 @@ def test_base_recipe_is_valid():
         (["--report_to", "tensorboard"], ["report_to contains 'tensorboard'"]),
         # megatron
         (["--tensor_model_parallel_size", "0"], ["tensor_model_parallel_size=0 must be >= 1"]),
-        (["--sequence_parallel"],
-         ["sequence_parallel=True needs tensor_model_parallel_size > 1, got "
-          "tensor_model_parallel_size=1"]),
-        (["--virtual_pipeline_model_parallel_size", "2"],
-         ["virtual_pipeline_model_parallel_size=2 needs pipeline_model_parallel_size > 1, got 1"]),
-        (["--micro_batch_size", "3", "--per_device_train_batch_size", "4",
-          "--gradient_accumulation_steps", "2"],
-         ["micro_batch_size=3 must divide per_device_train_batch_size=4 x "
-          "gradient_accumulation_steps=2 = 8"]),
-        (["--overlap_param_gather"],
-         ["overlap_param_gather=True needs use_distributed_optimizer=True and "
-          "overlap_grad_reduce=True, got use_distributed_optimizer=False"]),
-        (["--recompute_granularity", "selective", "--recompute_num_layers", "2"],
-         ["recompute_granularity='selective' takes no recompute_method=None / "
-          "recompute_num_layers=2"]),
-        (["--gradient_checkpointing", "false", "--recompute_method", "block"],
-         ["recompute_method='block' / recompute_num_layers=None are set but recompute is off"]),
+        (
+            ["--sequence_parallel"],
+            [
+                "sequence_parallel=True needs tensor_model_parallel_size > 1, got "
+                "tensor_model_parallel_size=1"
+            ],
+        ),
+        (
+            ["--virtual_pipeline_model_parallel_size", "2"],
+            [
+                "virtual_pipeline_model_parallel_size=2 needs pipeline_model_parallel_size > 1, got 1"
+            ],
+        ),
+        (
+            [
+                "--micro_batch_size",
+                "3",
+                "--per_device_train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "2",
+            ],
+            [
+                "micro_batch_size=3 must divide per_device_train_batch_size=4 x "
+                "gradient_accumulation_steps=2 = 8"
+            ],
+        ),
+        (
+            ["--overlap_param_gather"],
+            [
+                "overlap_param_gather=True needs use_distributed_optimizer=True and "
+                "overlap_grad_reduce=True, got use_distributed_optimizer=False"
+            ],
+        ),
+        (
+            ["--recompute_granularity", "selective", "--recompute_num_layers", "2"],
+            [
+                "recompute_granularity='selective' takes no recompute_method=None / "
+                "recompute_num_layers=2"
+            ],
+        ),
+        (
+            ["--gradient_checkpointing", "false", "--recompute_method", "block"],
+            ["recompute_method='block' / recompute_num_layers=None are set but recompute is off"],
+        ),
         (["--recompute_num_layers", "0"], ["recompute_num_layers=0 must be >= 1"]),
         (["--fp8_recipe", "blockwise"], ["fp8_recipe='blockwise' is set but fp8=None"]),
         (["--fp8_param_gather"], ["fp8_param_gather=True needs fp8"]),
         (["--fp8", "e4m3"], ["fp8='e4m3' needs Transformer Engine"]),
         (["--fp8", "hybrid", "--fp8_recipe", "delayed"], ["fp8='hybrid' needs Transformer Engine"]),
         (["--context_parallel_size", "2"], ["context_parallel_size=2 needs Transformer Engine"]),
-        (["--transformer_impl", "transformer_engine"],
-         ["transformer_impl='transformer_engine' needs Transformer Engine"]),
+        (
+            ["--transformer_impl", "transformer_engine"],
+            ["transformer_impl='transformer_engine' needs Transformer Engine"],
+        ),
     ],
 )
 def test_each_static_rule(argv, expected):
@@ -163,23 +225,55 @@ def test_all_violations_are_listed_together():
 
 def test_fp8_passes_where_transformer_engine_is_importable(with_transformer_engine):
     validate_recipe(recipe("--fp8", "e4m3", "--fp8_recipe", "tensorwise", "--fp8_param_gather"))
-    validate_recipe(recipe("--context_parallel_size", "2",
-                           "--transformer_impl", "transformer_engine"))
+    validate_recipe(
+        recipe("--context_parallel_size", "2", "--transformer_impl", "transformer_engine")
+    )
     with pytest.raises(ConfigError, match="fp8_recipe='mxfp8' is set but fp8=None"):
         validate_recipe(recipe("--fp8_recipe", "mxfp8"))
 
 
 def test_valid_combinations_pass():
-    validate_recipe(recipe("--dataset_name", "null", "--dataset_mixture",
-                           "{datasets: [{id: a, columns: [x, y]}, {id: b, columns: [y, x]}]}"))
-    validate_recipe(recipe("--lr_scheduler_type", "cosine_with_min_lr",
-                           "--lr_scheduler_kwargs", "{min_lr: 1e-7}"))
-    validate_recipe(recipe("--epsilon_high", "0.28", "--delta", "1.5", "--save_steps", "0.1",
-                           "--top_k", "-1", "--reward_funcs", "accuracy,format,tag_count",
-                           "--reward_weights", "1,1,0.5"))
-    validate_recipe(recipe("--tensor_model_parallel_size", "2", "--sequence_parallel",
-                           "--use_distributed_optimizer", "--overlap_grad_reduce",
-                           "--overlap_param_gather", "--recompute_granularity", "selective"))
+    validate_recipe(
+        recipe(
+            "--dataset_name",
+            "null",
+            "--dataset_mixture",
+            "{datasets: [{id: a, columns: [x, y]}, {id: b, columns: [y, x]}]}",
+        )
+    )
+    validate_recipe(
+        recipe(
+            "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", "{min_lr: 1e-7}"
+        )
+    )
+    validate_recipe(
+        recipe(
+            "--epsilon_high",
+            "0.28",
+            "--delta",
+            "1.5",
+            "--save_steps",
+            "0.1",
+            "--top_k",
+            "-1",
+            "--reward_funcs",
+            "accuracy,format,tag_count",
+            "--reward_weights",
+            "1,1,0.5",
+        )
+    )
+    validate_recipe(
+        recipe(
+            "--tensor_model_parallel_size",
+            "2",
+            "--sequence_parallel",
+            "--use_distributed_optimizer",
+            "--overlap_grad_reduce",
+            "--overlap_param_gather",
+            "--recompute_granularity",
+            "selective",
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,12 +286,23 @@ def test_valid_combinations_pass():
         ([], ("full", "uniform", 1)),  # TRL default gradient_checkpointing=True
         (["--gradient_checkpointing", "false"], (None, None, None)),
         (["--recompute_granularity", "selective"], ("selective", None, None)),
-        (["--gradient_checkpointing", "false", "--recompute_granularity", "selective"],
-         ("selective", None, None)),
+        (
+            ["--gradient_checkpointing", "false", "--recompute_granularity", "selective"],
+            ("selective", None, None),
+        ),
         (["--recompute_granularity", "full"], ("full", "uniform", 1)),
         (["--recompute_method", "block", "--recompute_num_layers", "2"], ("full", "block", 2)),
-        (["--gradient_checkpointing", "false", "--recompute_granularity", "full",
-          "--recompute_num_layers", "4"], ("full", "uniform", 4)),
+        (
+            [
+                "--gradient_checkpointing",
+                "false",
+                "--recompute_granularity",
+                "full",
+                "--recompute_num_layers",
+                "4",
+            ],
+            ("full", "uniform", 4),
+        ),
     ],
 )
 def test_recompute_mapping(argv, expected):
@@ -222,14 +327,35 @@ LLAMA_8B = dict(num_layers=32, num_attention_heads=32, num_query_groups=8)
     "argv, world, model, expected",
     [
         ([], 1, QWEN_1_5B, ParallelLayout(tp=1, pp=1, cp=1, dp=1, world_size=1)),
-        (["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2"], 8,
-         QWEN_1_5B, ParallelLayout(tp=2, pp=2, cp=1, dp=2, world_size=8)),
-        (["--tensor_model_parallel_size", "8", "--pipeline_model_parallel_size", "4",
-          "--virtual_pipeline_model_parallel_size", "2", "--per_device_train_batch_size", "8",
-          "--gradient_accumulation_steps", "4"], 64, LLAMA_8B,
-         ParallelLayout(tp=8, pp=4, cp=1, dp=2, world_size=64)),
-        (["--tensor_model_parallel_size", "2", "--context_parallel_size", "2"], 16, LLAMA_8B,
-         ParallelLayout(tp=2, pp=1, cp=2, dp=4, world_size=16)),
+        (
+            ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2"],
+            8,
+            QWEN_1_5B,
+            ParallelLayout(tp=2, pp=2, cp=1, dp=2, world_size=8),
+        ),
+        (
+            [
+                "--tensor_model_parallel_size",
+                "8",
+                "--pipeline_model_parallel_size",
+                "4",
+                "--virtual_pipeline_model_parallel_size",
+                "2",
+                "--per_device_train_batch_size",
+                "8",
+                "--gradient_accumulation_steps",
+                "4",
+            ],
+            64,
+            LLAMA_8B,
+            ParallelLayout(tp=8, pp=4, cp=1, dp=2, world_size=64),
+        ),
+        (
+            ["--tensor_model_parallel_size", "2", "--context_parallel_size", "2"],
+            16,
+            LLAMA_8B,
+            ParallelLayout(tp=2, pp=1, cp=2, dp=4, world_size=16),
+        ),
     ],
 )
 def test_layout_ok(argv, world, model, expected):
@@ -241,37 +367,96 @@ def test_layout_ok(argv, world, model, expected):
 @pytest.mark.parametrize(
     "argv, world, model, expected",
     [
-        (["--tensor_model_parallel_size", "4"], 6, LLAMA_8B,
-         "world_size=6 must be divisible by tensor_model_parallel_size=4 x "
-         "pipeline_model_parallel_size=1 x context_parallel_size=1 = 4"),
-        (["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "3",
-          "--context_parallel_size", "2"], 8, dict(num_layers=30, num_attention_heads=16,
-                                                  num_query_groups=8),
-         "world_size=8 must be divisible by tensor_model_parallel_size=2 x "
-         "pipeline_model_parallel_size=3 x context_parallel_size=2 = 12"),
-        (["--tensor_model_parallel_size", "4"], 4, QWEN_1_5B,
-         "tensor_model_parallel_size=4 must divide num_query_groups=2"),
-        (["--pipeline_model_parallel_size", "3"], 3, QWEN_1_5B,
-         "pipeline_model_parallel_size=3 must divide num_layers=28"),
-        (["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "4"],
-         2, QWEN_1_5B,
-         "pipeline_model_parallel_size=2 x virtual_pipeline_model_parallel_size=4 = 8 must "
-         "divide num_layers=28"),
-        (["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "2",
-          "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3",
-          "--num_generations", "4"], 2, QWEN_1_5B,
-         "micro_batch_size=4 = 3, to be a multiple of pipeline_model_parallel_size=2"),
-        (["--per_device_train_batch_size", "6", "--num_generations", "4"], 2, QWEN_1_5B,
-         "per_device_train_batch_size=6 x gradient_accumulation_steps=1 x DP=2 = 12 completions "
-         "must be divisible by num_generations=4 x DP=2 = 8"),
-        (["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3",
-          "--num_generations", "8"], 4, QWEN_1_5B,
-         "= 48 completions must be divisible by num_generations=8 x DP=4 = 32"),
-        (["--sequence_parallel"], 2, QWEN_1_5B,
-         "sequence_parallel=True needs tensor_model_parallel_size > 1"),
-        (["--pipeline_model_parallel_size", "4", "--recompute_num_layers", "8"], 4, QWEN_1_5B,
-         "recompute_num_layers=8 must be <= the layers of one model chunk, num_layers=28 / "
-         "(pipeline_model_parallel_size=4) = 7"),
+        (
+            ["--tensor_model_parallel_size", "4"],
+            6,
+            LLAMA_8B,
+            "world_size=6 must be divisible by tensor_model_parallel_size=4 x "
+            "pipeline_model_parallel_size=1 x context_parallel_size=1 = 4",
+        ),
+        (
+            [
+                "--tensor_model_parallel_size",
+                "2",
+                "--pipeline_model_parallel_size",
+                "3",
+                "--context_parallel_size",
+                "2",
+            ],
+            8,
+            dict(num_layers=30, num_attention_heads=16, num_query_groups=8),
+            "world_size=8 must be divisible by tensor_model_parallel_size=2 x "
+            "pipeline_model_parallel_size=3 x context_parallel_size=2 = 12",
+        ),
+        (
+            ["--tensor_model_parallel_size", "4"],
+            4,
+            QWEN_1_5B,
+            "tensor_model_parallel_size=4 must divide num_query_groups=2",
+        ),
+        (
+            ["--pipeline_model_parallel_size", "3"],
+            3,
+            QWEN_1_5B,
+            "pipeline_model_parallel_size=3 must divide num_layers=28",
+        ),
+        (
+            ["--pipeline_model_parallel_size", "2", "--virtual_pipeline_model_parallel_size", "4"],
+            2,
+            QWEN_1_5B,
+            "pipeline_model_parallel_size=2 x virtual_pipeline_model_parallel_size=4 = 8 must "
+            "divide num_layers=28",
+        ),
+        (
+            [
+                "--pipeline_model_parallel_size",
+                "2",
+                "--virtual_pipeline_model_parallel_size",
+                "2",
+                "--per_device_train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "3",
+                "--num_generations",
+                "4",
+            ],
+            2,
+            QWEN_1_5B,
+            "micro_batch_size=4 = 3, to be a multiple of pipeline_model_parallel_size=2",
+        ),
+        (
+            ["--per_device_train_batch_size", "6", "--num_generations", "4"],
+            2,
+            QWEN_1_5B,
+            "per_device_train_batch_size=6 x gradient_accumulation_steps=1 x DP=2 = 12 completions "
+            "must be divisible by num_generations=4 x DP=2 = 8",
+        ),
+        (
+            [
+                "--per_device_train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "3",
+                "--num_generations",
+                "8",
+            ],
+            4,
+            QWEN_1_5B,
+            "= 48 completions must be divisible by num_generations=8 x DP=4 = 32",
+        ),
+        (
+            ["--sequence_parallel"],
+            2,
+            QWEN_1_5B,
+            "sequence_parallel=True needs tensor_model_parallel_size > 1",
+        ),
+        (
+            ["--pipeline_model_parallel_size", "4", "--recompute_num_layers", "8"],
+            4,
+            QWEN_1_5B,
+            "recompute_num_layers=8 must be <= the layers of one model chunk, num_layers=28 / "
+            "(pipeline_model_parallel_size=4) = 7",
+        ),
     ],
 )
 def test_each_layout_rule(argv, world, model, expected):
@@ -284,8 +469,13 @@ def test_each_layout_rule(argv, world, model, expected):
 def test_tp_not_dividing_the_heads_names_heads_and_groups():
     # The query groups divide the heads, so a TP size that misses the heads misses both.
     with pytest.raises(ConfigError) as info:
-        validate_layout(recipe("--tensor_model_parallel_size", "3"), world_size=3,
-                        num_layers=24, num_attention_heads=16, num_query_groups=4)
+        validate_layout(
+            recipe("--tensor_model_parallel_size", "3"),
+            world_size=3,
+            num_layers=24,
+            num_attention_heads=16,
+            num_query_groups=4,
+        )
     assert info.value.errors == [
         "tensor_model_parallel_size=3 must divide num_attention_heads=16: each TP rank holds "
         "whole attention heads",
@@ -297,14 +487,25 @@ def test_tp_not_dividing_the_heads_names_heads_and_groups():
 def test_layout_reports_every_broken_rule():
     with pytest.raises(ConfigError) as info:
         validate_layout(
-            recipe("--tensor_model_parallel_size", "5", "--pipeline_model_parallel_size", "3",
-                   "--num_generations", "3"),
+            recipe(
+                "--tensor_model_parallel_size",
+                "5",
+                "--pipeline_model_parallel_size",
+                "3",
+                "--num_generations",
+                "3",
+            ),
             world_size=16,
             **QWEN_1_5B,
         )
     text = str(info.value)
-    for fragment in ("world_size=16", "num_attention_heads=12", "num_query_groups=2",
-                     "num_layers=28", "num_generations=3"):
+    for fragment in (
+        "world_size=16",
+        "num_attention_heads=12",
+        "num_query_groups=2",
+        "num_layers=28",
+        "num_generations=3",
+    ):
         assert fragment in text
 
 

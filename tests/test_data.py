@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from megagrpo.config import DatasetConfig as DatasetSpec
+from megagrpo.config import DatasetMixtureConfig as MixtureSpec
 from megagrpo.data.prompts import PromptError, PromptFormat, format_conversations, tokenize_prompts
 from megagrpo.data.sampler import PromptSampler
-from megagrpo.data.sources import DataError, DatasetSpec, MixtureSpec, load_mixture, load_source
+from megagrpo.data.sources import DataError, load_mixture, load_source
 from megagrpo.demo.tokenizer import build_demo_tokenizer
 
 ROWS = [

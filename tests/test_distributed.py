@@ -6,8 +6,8 @@ import pytest
 import torch
 from _multiproc import run_ranks
 
+from megagrpo.config import MegatronConfig
 from megagrpo.distributed import cpu_shim
-from megagrpo.models.builder import ParallelSettings
 
 
 def test_shim_refuses_to_run_where_cuda_exists(monkeypatch):
@@ -65,7 +65,7 @@ def _layout_worker(tp, pp, cp):
     from megagrpo.distributed import init_distributed
 
     g = init_distributed(
-        ParallelSettings(
+        MegatronConfig(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
         )
     )
@@ -86,7 +86,7 @@ def _bad_world_worker():
     from megagrpo.distributed import init_distributed
 
     with pytest.raises(ValueError, match="world size 2 is not divisible by tensor_model_parallel"):
-        init_distributed(ParallelSettings(tensor_model_parallel_size=4))
+        init_distributed(MegatronConfig(tensor_model_parallel_size=4))
     return True
 
 
@@ -100,5 +100,5 @@ def test_multi_rank_needs_torchrun_env(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(RuntimeError, match="MASTER_ADDR is not set; launch with torchrun"):
-        init_distributed(ParallelSettings())
+        init_distributed(MegatronConfig())
     cpu_shim.disable()

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import ARCH_NAMES
 
+from megagrpo.config import MegatronConfig
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.demo.tiny_models import TINY_CONFIGS
 from megagrpo.models.arch import ArchitectureError, arch_from_hf_config, load_arch
-from megagrpo.models.builder import ParallelSettings, build_model, padded_vocab_size
+from megagrpo.models.builder import build_model, padded_vocab_size
 from megagrpo.models.hf_weights import load_hf_weights
 from megagrpo.models.rope import rope_inv_freq
 
@@ -22,14 +23,14 @@ from megagrpo.models.rope import rope_inv_freq
 def groups():
     from megagrpo.distributed import destroy_distributed, init_distributed
 
-    g = init_distributed(ParallelSettings(), seed=7)
+    g = init_distributed(MegatronConfig(), seed=7)
     yield g
     destroy_distributed()
 
 
 def _megatron(hf_dir, groups, **par):
     arch = load_arch(hf_dir)
-    model = build_model(arch, ParallelSettings(**par), pg_collection=groups.pg_collection)[0]
+    model = build_model(arch, MegatronConfig(**par), pg_collection=groups.pg_collection)[0]
     load_hf_weights([model], SafetensorsDir(hf_dir), arch, groups)
     return arch, model.eval()
 
@@ -68,7 +69,7 @@ def test_logits_bf16_error_within_twice_transformers_bf16_error(name, tiny_check
     hf32 = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval().to(device)
     hf16 = AutoModelForCausalLM.from_pretrained(hf_dir).to(torch.bfloat16).eval().to(device)
     arch = load_arch(hf_dir)
-    par = ParallelSettings()
+    par = MegatronConfig()
     model = build_model(arch, par, pg_collection=groups.pg_collection, params_dtype="bfloat16")[0]
     load_hf_weights([model], SafetensorsDir(hf_dir), arch, groups)
     model = model.eval().to(device)

@@ -38,9 +38,12 @@ def test_import_is_light_and_kernels_have_their_own_name():
     assert out.stdout.strip() == "[]"
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "megagrpo.cli", *args], capture_output=True, text=True, cwd=cwd
+        [sys.executable, "-m", "megagrpo.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -85,6 +88,35 @@ def test_convert_command_and_tool(tiny_checkpoint, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_train_says_it_is_not_built_yet():
-    r = _cli("train", "--config", "x.yaml")
+def test_train_validates_the_recipe_and_says_the_loop_is_not_built_yet(tiny_checkpoint):
+    recipe = os.path.join(ROOT, "launch", "configs", "qwen2.5-1.5b-openr1-demo.yaml")
+    r = _cli(
+        "train",
+        "--config",
+        recipe,
+        "--model_name_or_path",
+        tiny_checkpoint("qwen2"),
+        "--tensor_model_parallel_size",
+        "2",
+        "--use_distributed_optimizer",
+        "false",
+        "--overlap_param_gather",
+        "false",
+        env={"WORLD_SIZE": "2"},
+    )
     assert r.returncode == 2 and "not built yet" in r.stderr
+    assert "recipe OK: qwen2 model" in r.stdout
+    r = _cli(
+        "train",
+        "--config",
+        recipe,
+        "--model_name_or_path",
+        tiny_checkpoint("qwen2"),
+        "--tensor_model_parallel_size",
+        "3",
+        env={"WORLD_SIZE": "3"},
+    )
+    assert r.returncode == 2 and "tensor_model_parallel_size=3" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli("train", "--config", recipe, "--num_generatons", "4")
+    assert r.returncode == 2 and "num_generations" in r.stderr and "Traceback" not in r.stderr

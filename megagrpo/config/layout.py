@@ -62,8 +62,10 @@ def validate_layout(
         )
     dp = max(world_size // model_parallel, 1)
 
-    for what, count in (("num_attention_heads", num_attention_heads),
-                        ("num_query_groups", num_query_groups)):
+    for what, count in (
+        ("num_attention_heads", num_attention_heads),
+        ("num_query_groups", num_query_groups),
+    ):
         if count % tp:
             errors.append(
                 f"tensor_model_parallel_size={tp} must divide {what}={count}: each TP rank holds "

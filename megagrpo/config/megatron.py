@@ -73,9 +73,7 @@ class MegatronConfig:
         "default, delayed. Only valid together with fp8.",
     )
     fp8_margin: int = option(0, help="Scaling-factor margin of the delayed recipe.")
-    fp8_amax_history_len: int = option(
-        1, help="Length of the amax history of the delayed recipe."
-    )
+    fp8_amax_history_len: int = option(1, help="Length of the amax history of the delayed recipe.")
     fp8_amax_compute_algo: Literal["most_recent", "max"] = option(
         "most_recent", help="How the delayed recipe turns the amax history into a scale."
     )

@@ -218,9 +218,13 @@ def _check_logging_and_saving(recipe: Recipe, errors: list[str]) -> None:
 
 def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
     mc, t = recipe.megatron, recipe.training
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "context_parallel_size", "make_vocab_size_divisible_by",
-                 "distributed_timeout_minutes"):
+    for name in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "make_vocab_size_divisible_by",
+        "distributed_timeout_minutes",
+    ):
         _at_least(errors, name, getattr(mc, name), 1)
     check_sequence_parallel(mc.sequence_parallel, mc.tensor_model_parallel_size, errors)
     vpp = mc.virtual_pipeline_model_parallel_size

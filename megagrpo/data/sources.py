@@ -10,7 +10,8 @@ can split off a test set.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+
+from megagrpo.config.script_args import DatasetMixtureConfig
 
 _FILE_BUILDERS = {
     ".json": "json",
@@ -22,31 +23,6 @@ _FILE_BUILDERS = {
 
 class DataError(ValueError):
     """A dataset that cannot be used as asked; the message names the dataset and the field."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset of a mixture (open-r1's ``dataset_mixture.datasets`` entries)."""
-
-    id: str
-    """Hub id, local directory or file."""
-    config: str | None = None
-    """Hub configuration name (``load_dataset``'s second argument)."""
-    split: str = "train"
-    columns: list[str] | None = None
-    """Columns to keep (None: all)."""
-    weight: float = 1.0
-    """Fraction of the dataset's rows to take, in (0, 1]."""
-
-
-@dataclass(frozen=True)
-class MixtureSpec:
-    """A weighted mixture of datasets."""
-
-    datasets: list[DatasetSpec] = field(default_factory=list)
-    seed: int = 0
-    test_split_size: float | None = None
-    """Fraction of the mixture held out as the ``test`` split."""
 
 
 def _builder_for(path: str) -> str:
@@ -108,7 +84,7 @@ def load_source(name: str, config: str | None = None, split: str = "train"):
         ) from e
 
 
-def load_mixture(mixture: MixtureSpec):
+def load_mixture(mixture: DatasetMixtureConfig):
     """``{"train": Dataset[, "test": Dataset]}`` from a mixture."""
     import datasets
 

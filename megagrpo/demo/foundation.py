@@ -16,12 +16,13 @@ import time
 
 import torch
 
+from megagrpo.config import MegatronConfig
 from megagrpo.conversion.convert import hf_to_megatron, megatron_to_hf
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.demo.tiny_models import save_tiny_checkpoint
 from megagrpo.distributed import destroy_distributed, init_distributed
 from megagrpo.models.arch import load_arch
-from megagrpo.models.builder import ParallelSettings, build_model
+from megagrpo.models.builder import build_model
 from megagrpo.models.hf_weights import load_hf_weights
 
 SYSTEM_PROMPT = (
@@ -54,10 +55,10 @@ def run_foundation_demo(output_dir: str, *, steps: int = 5, seed: int = 0) -> di
         f"bit-identical={identical}"
     )
 
-    groups = init_distributed(ParallelSettings(), seed=seed)
+    groups = init_distributed(MegatronConfig(), seed=seed)
     try:
         arch = load_arch(hf_dir)
-        (model,) = build_model(arch, ParallelSettings(), pg_collection=groups.pg_collection)
+        (model,) = build_model(arch, MegatronConfig(), pg_collection=groups.pg_collection)
         load_hf_weights([model], a, arch, groups)
         from transformers import AutoTokenizer
 

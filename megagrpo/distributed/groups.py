@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megagrpo.config.megatron import MegatronConfig
 from megagrpo.distributed import cpu_shim
 
 
@@ -78,24 +79,19 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_distributed(
-    par: Any,
+    par: MegatronConfig,
     *,
     seed: int = 42,
     timeout_minutes: int = 30,
 ) -> ParallelGroups:
-    """Start torch.distributed and megatron's parallel state for the layout in ``par``.
-
-    ``par`` is a ``MegatronConfig`` (or anything with tensor_model_parallel_size,
-    pipeline_model_parallel_size, virtual_pipeline_model_parallel_size, context_parallel_size).
-    """
+    """Start torch.distributed and megatron's parallel state for the layout in ``par``
+    (a ``MegatronConfig``: tensor / pipeline / virtual pipeline / context parallel sizes)."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    tp = int(getattr(par, "tensor_model_parallel_size", 1) or 1)
-    pp = int(getattr(par, "pipeline_model_parallel_size", 1) or 1)
-    vpp = getattr(par, "virtual_pipeline_model_parallel_size", None)
-    cp = int(getattr(par, "context_parallel_size", 1) or 1)
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    vpp, cp = par.virtual_pipeline_model_parallel_size, par.context_parallel_size
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:

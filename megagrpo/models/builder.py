@@ -15,12 +15,12 @@ log-probs and entropy over the padded vocabulary equal those over the real one.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from megagrpo.config.megatron import MegatronConfig
 from megagrpo.models.arch import ModelArch
 from megagrpo.models.rope import rope_inv_freq
 
@@ -38,45 +38,46 @@ def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) ->
     return -(-vocab_size // multiple) * multiple
 
 
-@dataclass(frozen=True)
-class ParallelSettings:
-    """The subset of ``MegatronConfig`` the model builder reads (any object with these names)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    sequence_parallel: bool = False
-    fp8: str | None = None
-    fp8_recipe: str | None = None
-    fp8_margin: int = 0
-    fp8_amax_history_len: int = 1
-    fp8_amax_compute_algo: str = "most_recent"
-    fp8_param_gather: bool = False
-    recompute_granularity: str | None = None
-    recompute_method: str | None = None
-    recompute_num_layers: int | None = None
-    make_vocab_size_divisible_by: int = 128
-
-
-def _get(par: Any, name: str):
-    return getattr(par, name, getattr(ParallelSettings, name))
+def resolve_use_te(transformer_impl: str) -> bool:
+    """``MegatronConfig.transformer_impl`` -> whether to build Transformer Engine layers."""
+    if transformer_impl == "local":
+        return False
+    if transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise RuntimeError(
+                "transformer_impl=transformer_engine but Transformer Engine is not importable on "
+                "a CUDA machine here; install megagrpo[gpu] or use transformer_impl=auto/local"
+            )
+        return True
+    if transformer_impl == "auto":
+        return transformer_engine_available()
+    raise ValueError(
+        f"transformer_impl={transformer_impl!r}; expected auto, transformer_engine or local"
+    )
 
 
 def build_transformer_config(
-    arch: ModelArch, par: Any, *, params_dtype: torch.dtype = torch.float32, use_te: bool = False
+    arch: ModelArch,
+    par: MegatronConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: bool = False,
 ):
-    """megatron-core TransformerConfig for ``arch`` under the parallel settings ``par``."""
+    """megatron-core TransformerConfig for ``arch`` under the megatron settings ``par``.
+
+    ``par``'s recompute_* fields are used as they are: pass ``megatron.resolved(
+    gradient_checkpointing)`` to apply TRL's gradient_checkpointing.
+    """
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
-    fp8 = _get(par, "fp8")
+    fp8 = par.fp8
     if fp8 and not use_te:
         raise RuntimeError(
             "fp8 is set but Transformer Engine is not available on this machine; "
             "install megagrpo[gpu] on a CUDA machine or unset fp8"
         )
-    recompute = _get(par, "recompute_granularity")
+    recompute = par.recompute_granularity
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -99,11 +100,11 @@ def build_transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        tensor_model_parallel_size=_get(par, "tensor_model_parallel_size"),
-        pipeline_model_parallel_size=_get(par, "pipeline_model_parallel_size"),
-        virtual_pipeline_model_parallel_size=_get(par, "virtual_pipeline_model_parallel_size"),
-        context_parallel_size=_get(par, "context_parallel_size"),
-        sequence_parallel=_get(par, "sequence_parallel"),
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        context_parallel_size=par.context_parallel_size,
+        sequence_parallel=par.sequence_parallel,
         # Fusions: jit-scripted ones on GPU; the ones that need TE's or apex's CUDA code with TE.
         bias_activation_fusion=False,
         bias_dropout_fusion=on_gpu,
@@ -115,16 +116,16 @@ def build_transformer_config(
         recompute_granularity=recompute,
     )
     if recompute == "full":
-        kwargs["recompute_method"] = _get(par, "recompute_method") or "uniform"
-        kwargs["recompute_num_layers"] = _get(par, "recompute_num_layers") or 1
+        kwargs["recompute_method"] = par.recompute_method or "uniform"
+        kwargs["recompute_num_layers"] = par.recompute_num_layers or 1
     if fp8:
         kwargs.update(
             fp8=fp8,
-            fp8_recipe=_get(par, "fp8_recipe") or "delayed",
-            fp8_margin=_get(par, "fp8_margin"),
-            fp8_amax_history_len=_get(par, "fp8_amax_history_len"),
-            fp8_amax_compute_algo=_get(par, "fp8_amax_compute_algo"),
-            fp8_param=_get(par, "fp8_param_gather"),
+            fp8_recipe=par.fp8_recipe or "delayed",
+            fp8_margin=par.fp8_margin,
+            fp8_amax_history_len=par.fp8_amax_history_len,
+            fp8_amax_compute_algo=par.fp8_amax_compute_algo,
+            fp8_param=par.fp8_param_gather,
         )
     return TransformerConfig(**kwargs)
 
@@ -156,7 +157,7 @@ def _mask_padded_vocab_hook(true_vocab: int, tp_group):
 
 def build_model(
     arch: ModelArch,
-    par: Any,
+    par: MegatronConfig,
     *,
     pg_collection=None,
     params_dtype: torch.dtype | str = torch.float32,
@@ -176,13 +177,13 @@ def build_model(
 
     if isinstance(params_dtype, str):
         params_dtype = _DTYPES[params_dtype]
-    use_te = transformer_engine_available() if use_te is None else use_te
+    use_te = resolve_use_te(par.transformer_impl) if use_te is None else use_te
     config = build_transformer_config(arch, par, params_dtype=params_dtype, use_te=use_te)
     spec = layer_spec(arch, use_te=use_te)
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     tp = config.tensor_model_parallel_size
-    vocab = padded_vocab_size(arch.vocab_size, tp, _get(par, "make_vocab_size_divisible_by"))
+    vocab = padded_vocab_size(arch.vocab_size, tp, par.make_vocab_size_divisible_by)
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
     for vp_stage in range(vpp):
