@@ -162,7 +162,8 @@ def test_base_recipe_is_valid():
         (
             ["--virtual_pipeline_model_parallel_size", "2"],
             [
-                "virtual_pipeline_model_parallel_size=2 needs pipeline_model_parallel_size > 1, got 1"
+                "virtual_pipeline_model_parallel_size=2 needs "
+                "pipeline_model_parallel_size > 1, got 1"
             ],
         ),
         (
