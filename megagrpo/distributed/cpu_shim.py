@@ -10,7 +10,11 @@ CI) this module redirects exactly those assumptions to the CPU:
   ``Tensor.to("cuda")`` stay on the CPU;
 - ``torch.cuda.current_device`` / ``synchronize`` / ``get_rng_state`` / ``set_rng_state`` /
   ``manual_seed`` / ``empty_cache`` and megatron's ``_get_cuda_rng_state`` /
-  ``_set_cuda_rng_state`` replaced by their CPU meanings.
+  ``_set_cuda_rng_state`` replaced by their CPU meanings;
+- megatron's ``clip_grad_by_total_norm_fp32`` without its assert that gradients are
+  ``torch.cuda.FloatTensor``, so megatron's fp32 optimizer (FP32Optimizer over torch AdamW)
+  runs on the CPU unchanged. Its bf16 and distributed optimizers insist on CUDA tensors
+  throughout: the CPU path trains in fp32 with the plain (non-distributed) optimizer.
 
 ``enable()`` refuses to run when a CUDA device exists, so the redirection can never be active on
 a GPU. It is process-wide and idempotent; the mode is pushed on the calling thread, and megatron
@@ -99,6 +103,19 @@ def _cpu_set_rng_state(new_state, device=None, *a, **k):
     torch.set_rng_state(new_state)
 
 
+@torch.no_grad()
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 without its CUDA tensor-type assert."""
+    if torch.is_tensor(parameters):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.mul_(clip_coeff)
+
+
 def _replacements() -> list[tuple[object, str, object]]:
     """(owner, attribute, CPU replacement) for every CUDA assumption megatron-core makes."""
     cuda = torch.cuda
@@ -115,12 +132,17 @@ def _replacements() -> list[tuple[object, str, object]]:
         (cuda.random, "set_rng_state", _cpu_set_rng_state),
     ]
     try:  # megatron keeps its own copies of the CUDA RNG helpers
+        from megatron.core.optimizer import clip_grads
+        from megatron.core.optimizer import optimizer as moptimizer
         from megatron.core.tensor_parallel import random as mrandom
     except ImportError:
         return table
     return table + [
         (mrandom, "_get_cuda_rng_state", _cpu_get_rng_state),
         (mrandom, "_set_cuda_rng_state", _cpu_set_rng_state),
+        # the only CUDA assumption of megatron's fp32 optimizer: an assert on the grad type
+        (clip_grads, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32),
+        (moptimizer, "clip_grad_by_total_norm_fp32", _cpu_clip_grad_by_total_norm_fp32),
     ]
 
 

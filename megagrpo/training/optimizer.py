@@ -1,0 +1,112 @@
+"""Gradient reduction and the optimizer: megatron-core's, on GPU and CPU alike.
+
+The model chunks are wrapped in megatron's DistributedDataParallel (contiguous fp32 gradient
+buffers, reduced over data-parallel ranks, tied-embedding gradients synchronised over the first
+and last pipeline stage by ``finalize_model_grads``). The optimizer is
+``get_megatron_optimizer``'s: on GPU bf16 parameters with fp32 master weights, optionally the
+DistributedOptimizer (ZeRO-1); on CPU fp32 parameters with megatron's FP32Optimizer over torch
+AdamW (megatron's bf16 and distributed optimizers require CUDA tensors). Gradient clipping by the
+global norm over all model-parallel ranks is megatron's. The learning rate is set from
+``LRSchedule`` before every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megagrpo.config.megatron import MegatronConfig
+
+
+def wrap_ddp(chunks, megatron: MegatronConfig) -> list:
+    """megatron DDP around each model chunk; sets the config's gradient-finalisation hooks."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    on_gpu = torch.cuda.is_available()
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=megatron.overlap_grad_reduce and on_gpu,
+        overlap_param_gather=megatron.overlap_param_gather and on_gpu,
+        use_distributed_optimizer=megatron.use_distributed_optimizer and on_gpu,
+    )
+    config = chunks[0].config
+    wrapped = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # only the first chunk overlaps its gradient reduction with the others' backward
+            disable_bucketing=(i > 0),
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW and clipping settings (GRPOConfig's names)."""
+
+    learning_rate: float
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_config(cls, training) -> OptimizerSettings:
+        return cls(
+            learning_rate=training.learning_rate,
+            weight_decay=training.weight_decay,
+            adam_beta1=training.adam_beta1,
+            adam_beta2=training.adam_beta2,
+            adam_epsilon=training.adam_epsilon,
+            max_grad_norm=training.max_grad_norm,
+        )
+
+
+def build_optimizer(ddp_chunks, settings: OptimizerSettings, megatron: MegatronConfig):
+    """megatron's optimizer over the DDP-wrapped chunks."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    params_dtype = ddp_chunks[0].config.params_dtype
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and params_dtype != torch.float32:
+        raise RuntimeError(
+            "on CPU megagrpo trains fp32 parameters (megatron's bf16 optimizer needs CUDA); "
+            "set bf16: false and fp16: false"
+        )
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_epsilon,
+        clip_grad=settings.max_grad_norm,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=megatron.use_distributed_optimizer and on_gpu,
+        overlap_param_gather_with_optimizer_step=False,
+    )
+    return get_megatron_optimizer(config, ddp_chunks)
+
+
+def set_learning_rate(optimizer, lr: float, weight_decay: float) -> None:
+    """Set every parameter group's learning rate and weight decay for the next step.
+
+    megatron's param groups carry ``wd_mult`` (0 for biases and 1-D parameters such as norms;
+    megatron's own scheduler applies it): the decay of a group is ``weight_decay x wd_mult``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
