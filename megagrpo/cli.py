@@ -83,27 +83,44 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args, rest: list[str]) -> int:
-    """Load and validate the recipe (and the layout against the model, when it is local)."""
+    """Load and validate the recipe and its layout; with --dry-run print the plan and stop."""
     import os
 
-    from megagrpo.config import load_recipe, validate_layout, validate_recipe
-    from megagrpo.models.arch import load_arch
+    from megagrpo.config import dump_recipe, load_recipe, validate_layout, validate_recipe
+    from megagrpo.models.known_configs import resolve_arch
 
     recipe = load_recipe(args.config, rest)
     validate_recipe(recipe)
-    model_dir = recipe.model.model_name_or_path
-    if model_dir and os.path.isdir(model_dir):
-        arch = load_arch(model_dir)
-        layout = validate_layout(
-            recipe,
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
-            num_layers=arch.num_layers,
-            num_attention_heads=arch.num_attention_heads,
-            num_query_groups=arch.num_query_groups,
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    arch = resolve_arch(recipe.model.model_name_or_path)
+    layout = validate_layout(
+        recipe,
+        world_size=world,
+        num_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+    )
+    if args.dry_run:
+        from megagrpo.planning.memory import GIB, estimate_memory
+
+        print("# resolved recipe")
+        print(dump_recipe(recipe))
+        print(
+            f"# layout: world {layout.world_size} = TP {layout.tp} x PP {layout.pp} x "
+            f"CP {layout.cp} x DP {layout.dp}"
         )
-        print(f"recipe OK: {arch.family} model, layout {layout}")
-    else:
-        print(f"recipe OK (model {model_dir!r} is not a local directory: layout not checked)")
+        print(
+            f"# model: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
+            f"{arch.num_attention_heads} heads / {arch.num_query_groups} groups, "
+            f"vocab {arch.vocab_size}"
+        )
+        est = estimate_memory(
+            recipe, arch, dp=layout.dp, gpu_memory_bytes=int(args.gpu_memory_gb * GIB)
+        )
+        print("# per-GPU memory estimate")
+        print(est.table())
+        return 0
+    print(f"recipe OK: {arch.family} model, layout {layout}")
     print(
         "megagrpo train: the GRPO training loop is not built yet (it is tracked as its own "
         "issue). The foundation exists: `megagrpo demo`, `megagrpo convert`.",
@@ -122,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(convert)
     train = sub.add_parser("train", help="GRPO training from a YAML recipe")
     train.add_argument("--config", help="YAML recipe (open-r1 style keys)")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved recipe, layout and memory estimate, then stop",
+    )
+    train.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks to plan for (default: $WORLD_SIZE, else 1)",
+    )
+    train.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=80.0,
+        help="memory of one GPU, for the vLLM share in --dry-run",
+    )
     return parser
 
 

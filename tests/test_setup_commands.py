@@ -88,6 +88,26 @@ def test_convert_command_and_tool(tiny_checkpoint, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_train_dry_run_prints_layout_and_memory():
+    recipe = os.path.join(ROOT, "launch", "configs", "qwen2.5-1.5b-openr1-demo.yaml")
+    r = _cli("train", "--config", recipe, "--dry-run", "--world-size", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "# layout: world 8 = TP 1 x PP 1 x CP 1 x DP 8" in r.stdout
+    assert "total during the policy update" in r.stdout
+    assert "learning_rate: 2.0e-05" in r.stdout or "learning_rate: 2e-05" in r.stdout
+    r = _cli(
+        "train",
+        "--config",
+        recipe,
+        "--dry-run",
+        "--world-size",
+        "6",
+        "--tensor_model_parallel_size",
+        "4",
+    )
+    assert r.returncode == 2 and "tensor_model_parallel_size=4" in r.stderr
+
+
 def test_train_validates_the_recipe_and_says_the_loop_is_not_built_yet(tiny_checkpoint):
     recipe = os.path.join(ROOT, "launch", "configs", "qwen2.5-1.5b-openr1-demo.yaml")
     r = _cli(
