@@ -54,6 +54,11 @@ class LossType:
         gradient-accumulation steps and processes."""
         return self.objective(loss_bt, mask_bt, ctx)
 
+    def combine(self, objective_sum: float, num_parts: int) -> float:
+        """The step's loss from the sum of ``objective`` over its micro-batches and DP ranks:
+        their mean, as megatron averages them."""
+        return objective_sum / max(num_parts, 1)
+
 
 class GRPOLoss(LossType):
     name = "grpo"
@@ -91,6 +96,9 @@ class DAPOLoss(LossType):
         # The objective is already normalised by the global token count: undo megatron's
         # division by the micro-batches and the DP average so the tokens are summed.
         return self.objective(loss_bt, mask_bt, ctx) * (ctx.num_microbatches * ctx.dp_size)
+
+    def combine(self, objective_sum, num_parts):
+        return objective_sum  # each part is already divided by the global token count
 
 
 LOSS_TYPES: dict[str, type[LossType]] = {

@@ -1,0 +1,35 @@
+"""Per-token log-probs of the completions under a model, without gradients.
+
+Used for the old policy (when the update is not exactly on-policy: num_iterations > 1, async
+rollouts, or truncated importance sampling against the sampler) and for the frozen reference
+model (beta > 0). The log-probs land in each micro-batch (``old_logp_bl`` / ``ref_logp_bl``) on
+the last pipeline stage, where the loss is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megagrpo.training.schedule import run_schedule
+
+
+def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: str) -> None:
+    """Set ``mb.<field>`` to the log-probs of ``mb.targets_bl`` under ``chunks``."""
+    from megagrpo_kernels import logprobs
+
+    tp_group = groups.tp if groups.tp_size > 1 else None
+    was_training = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+
+    def loss_fn(mb, logits):
+        logp_bl = logprobs(logits, mb.targets_bl, temperature, tp_group)
+        return torch.zeros((), device=logits.device), {"logp": logp_bl.detach()}
+
+    try:
+        outputs = run_schedule(chunks, micro_batches, loss_fn, forward_only=True)
+    finally:
+        for c, mode in zip(chunks, was_training):
+            c.train(mode)
+    for mb, out in zip(micro_batches, outputs):
+        setattr(mb, field, out["logp"].to(mb.mask_bl.device) * mb.mask_bl)

@@ -1,0 +1,48 @@
+"""Running micro-batches through megatron-core's forward/backward schedules.
+
+``run_schedule`` feeds every pipeline stage the same micro-batches (all ranks of a model-parallel
+group hold the step's data), lets megatron pick the schedule (no pipelining, 1F1B, interleaved
+1F1B), and returns what the loss function produced for each micro-batch on the last stage (an
+empty list elsewhere). The loss function receives the micro-batch and this rank's
+vocab-parallel logits ``[b, L, V/TP]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+
+def run_schedule(
+    chunks,
+    micro_batches: list,
+    loss_fn: Callable,
+    *,
+    forward_only: bool,
+) -> list[dict]:
+    """``loss_fn(mb, logits) -> (loss, metrics dict)``; returns the metrics dicts in order."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = model(mb.input_ids_bl, None, attention_mask=None)
+        return output, lambda logits: loss_fn(mb, logits)
+
+    iterators = [iter(micro_batches) for _ in chunks]  # one per model chunk (interleaved 1F1B)
+    shape = micro_batches[0].input_ids_bl.shape
+    context = torch.no_grad() if forward_only else nullcontext()
+    with context:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(chunks) > 1 else iterators[0],
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=shape[1],
+            micro_batch_size=shape[0],
+            forward_only=forward_only,
+        )
