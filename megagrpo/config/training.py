@@ -148,6 +148,12 @@ class GRPOConfig:
         help="KL coefficient against the reference model; 0 skips the reference model (TRL's "
         "default; DeepSeek-R1 used 0.001).",
     )
+    ref_model_offload: bool = option(
+        False,
+        help="Keep the frozen reference model in (pinned) CPU memory and move it to the GPU only "
+        "for the reference log-prob pass (megagrpo; saves its weights' GPU memory during the "
+        "update). No effect on CPU machines.",
+    )
     epsilon: float = option(0.2, help="Lower clipping range of the policy ratio: 1 - epsilon.")
     epsilon_high: float | None = option(
         None,
