@@ -157,7 +157,7 @@ class RolloutPool:
             os.remove(ready)
         threads = self._threads()
         cmd = [
-            sys.executable, "-m", "megagrpo.rollout.server",
+            sys.executable, "-m", "megagrpo.cli", "rollout-server",
             "--model", c.model, "--engine", c.engine, "--dtype", c.dtype,
             "--port", "0", "--ready-file", ready, "--num-threads", str(threads),
             "--max-batch-size", str(c.max_batch_size), "--parent-pid", str(os.getpid()),

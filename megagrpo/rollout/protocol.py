@@ -89,6 +89,28 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides) -> SamplingParams:
+        """From a GRPOConfig-like object: num_generations, max_completion_length, temperature,
+        top_p, top_k, min_p, repetition_penalty, seed (missing or None: the default here)."""
+        names = {
+            "n": "num_generations",
+            "max_tokens": "max_completion_length",
+            "temperature": "temperature",
+            "top_p": "top_p",
+            "top_k": "top_k",
+            "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty",
+            "seed": "seed",
+        }
+        kw = {}
+        for ours, theirs in names.items():
+            value = getattr(cfg, theirs, None)
+            if value is not None:  # None (e.g. GRPOConfig's top_k / min_p): keep the default
+                kw[ours] = value
+        kw.update(overrides)
+        return cls(**kw)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["stop_token_ids"] = None if self.stop_token_ids is None else list(self.stop_token_ids)

@@ -225,13 +225,11 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this pid is gone")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="megagrpo rollout-server", description=__doc__)
-    add_server_arguments(parser)
-    args = parser.parse_args(argv)
+def run_server(args: argparse.Namespace) -> int:
+    """Start the engine and serve until a ``shutdown`` command (the CLI entry point)."""
     try:
         cfg = RolloutServerConfig(**vars(args))
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         print(f"megagrpo rollout-server: error: {e}", file=sys.stderr)
         return 2
     if cfg.parent_pid:
@@ -247,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"megagrpo rollout-server: {cfg.engine} engine on {cfg.host}:{server.port}", flush=True)
     server.serve_forever()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megagrpo rollout-server", description=__doc__)
+    add_server_arguments(parser)
+    return run_server(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
