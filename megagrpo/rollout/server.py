@@ -228,7 +228,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
 def run_server(args: argparse.Namespace) -> int:
     """Start the engine and serve until a ``shutdown`` command (the CLI entry point)."""
     try:
-        cfg = RolloutServerConfig(**vars(args))
+        known = RolloutServerConfig.__dataclass_fields__
+        cfg = RolloutServerConfig(**{k: v for k, v in vars(args).items() if k in known})
     except (TypeError, ValueError) as e:
         print(f"megagrpo rollout-server: error: {e}", file=sys.stderr)
         return 2
