@@ -87,6 +87,7 @@ class TransformersEngine:
             torch.set_num_threads(self.config.num_threads)
         self.model = model.eval()
         self.decoder = FusedDecoder(self.model)
+        model_dir = model_dir or self.config.model or getattr(model, "name_or_path", None)
         self.eos_token_ids = self.config.eos_token_ids or _eos_ids_of(model, model_dir)
         self.vocab_size = self.model.config.vocab_size
         self.weight_version = 0
