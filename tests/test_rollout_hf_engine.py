@@ -106,7 +106,7 @@ def test_greedy_with_repetition_penalty_equals_model_generate(qwen2):
             eos_token_id=EOS, pad_token_id=0,
         )[:, ids.shape[1] :].tolist()  # fmt: skip
     plain = engine.generate(reqs, SamplingParams(temperature=0, max_tokens=30))
-    for g, p, expected in zip(groups, plain, ref):
+    for g, expected in zip(groups, ref):
         if EOS in expected:
             expected = expected[: expected.index(EOS) + 1]
         assert g[0].completion_ids == expected
@@ -169,7 +169,9 @@ def test_stop_tokens_and_finish_reasons(qwen2):
     free = engine.generate(reqs, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=()))
     assert all(len(g[0].completion_ids) == 16 and g[0].finish_reason == "length" for g in free)
     stop = free[0][0].completion_ids[5]
-    cut = engine.generate(reqs, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=(stop,)))
+    cut = engine.generate(
+        reqs, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=(stop,))
+    )
     for f, c in zip(free, cut):
         ids = f[0].completion_ids
         if stop in ids:

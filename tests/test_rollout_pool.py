@@ -32,7 +32,9 @@ def _alive(pid: int) -> bool:
 
 
 def _sha(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
 def _assert_same_groups(a, b):
@@ -136,7 +138,10 @@ def test_shutdown_leaves_no_process(tiny_checkpoint, tmp_path):
     assert all(_alive(p) for p in pids)
     pool.close()
     assert not any(_alive(p) for p in pids)
-    assert "rollout-server: transformers engine on 127.0.0.1:" in (tmp_path / "engine0.log").read_text()
+    assert (
+        "rollout-server: transformers engine on 127.0.0.1:"
+        in (tmp_path / "engine0.log").read_text()
+    )
 
 
 def test_an_engine_that_cannot_start_is_reported(tmp_path):

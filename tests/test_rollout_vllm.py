@@ -88,7 +88,9 @@ def fake_completion(prompt_ids, params: FakeSamplingParams, index: int) -> Compl
     if stopped:
         ids[-1] = (params.stop_token_ids or [2])[0]
     # vLLM returns the sampled token's entry plus (here) a more likely one with rank 1
-    lps = [{t: Logprob(-0.01 * (k + 1), rank=2), 7: Logprob(-0.001, rank=1)} for k, t in enumerate(ids)]
+    lps = [
+        {t: Logprob(-0.01 * (k + 1), rank=2), 7: Logprob(-0.001, rank=1)} for k, t in enumerate(ids)
+    ]
     return CompletionOutput(index, "", ids, None, lps, "stop" if stopped else "length")
 
 
@@ -187,7 +189,9 @@ def test_sampling_params_in_vllm_terms():
 
 def test_outputs_become_ordered_groups_with_sampled_logprobs():
     llm = FakeLLM()
-    engine = VLLMEngine(llm, VLLMConfig(model="m", enable_sleep_mode=False), vllm_module=fake_vllm())
+    engine = VLLMEngine(
+        llm, VLLMConfig(model="m", enable_sleep_mode=False), vllm_module=fake_vllm()
+    )
     engine.weight_version = 6
     sp = SamplingParams(n=3, max_tokens=10, seed=123)
     groups = engine.generate(REQS, sp)
@@ -212,13 +216,19 @@ def test_malformed_outputs_are_refused():
     out = RequestOutput("0", None, [1], None, [good])
     with pytest.raises(ValueError, match="'a': vLLM returned 1 completions, expected 2"):
         samples_from_output(out, req, 2, 0)
-    no_lp = RequestOutput("0", None, [1], None, [CompletionOutput(0, "", [3, 4], None, None, "length")])
+    no_lp = RequestOutput(
+        "0", None, [1], None, [CompletionOutput(0, "", [3, 4], None, None, "length")]
+    )
     with pytest.raises(ValueError, match="0 log-prob entries for 2 tokens"):
         samples_from_output(no_lp, req, 1, 0)
-    abort = RequestOutput("0", None, [1], None, [CompletionOutput(0, "", [3], None, [{3: Logprob(-1.0)}], "abort")])
+    abort = RequestOutput(
+        "0", None, [1], None, [CompletionOutput(0, "", [3], None, [{3: Logprob(-1.0)}], "abort")]
+    )
     with pytest.raises(ValueError, match="finished with 'abort'"):
         samples_from_output(abort, req, 1, 0)
-    wrong = RequestOutput("0", None, [1], None, [CompletionOutput(0, "", [3], None, [{4: Logprob(-1.0)}], "length")])
+    wrong = RequestOutput(
+        "0", None, [1], None, [CompletionOutput(0, "", [3], None, [{4: Logprob(-1.0)}], "length")]
+    )
     with pytest.raises(ValueError, match="no log-prob for the sampled token 3"):
         samples_from_output(wrong, req, 1, 0)
 
@@ -285,7 +295,9 @@ def test_import_guard_and_factory(tiny_checkpoint):
             build_rollout_engine(RolloutConfig(use_vllm=True), "model")
     from megagrpo.rollout.hf_engine import TransformersEngine
 
-    engine = build_rollout_engine(RolloutConfig(rollout_max_batch_size=64), tiny_checkpoint("qwen2"))
+    engine = build_rollout_engine(
+        RolloutConfig(rollout_max_batch_size=64), tiny_checkpoint("qwen2")
+    )
     assert isinstance(engine, TransformersEngine) and engine.config.max_batch_size == 64
     with pytest.raises(ValueError, match="RolloutConfig.vllm_mode must be colocate or server"):
         RolloutConfig(vllm_mode="remote")

@@ -83,9 +83,7 @@ class RolloutPoolConfig:
         for a in self.server_addresses:
             host, _, port = a.rpartition(":")
             if not host or not port.isdigit():
-                raise ValueError(
-                    f"RolloutPoolConfig.server_addresses: {a!r} is not host:port"
-                )
+                raise ValueError(f"RolloutPoolConfig.server_addresses: {a!r} is not host:port")
 
 
 class EngineCrashed(RuntimeError):
@@ -210,8 +208,10 @@ class RolloutPool:
 
     def _restart_locked(self, e: _Engine, why: str) -> None:
         if not self.spawned:
-            raise EngineCrashed(f"rollout server {e.address} failed ({why}); it was not started "
-                                "by this pool, so it cannot be restarted")
+            raise EngineCrashed(
+                f"rollout server {e.address} failed ({why}); it was not started "
+                "by this pool, so it cannot be restarted"
+            )
         if e.restarts >= self.config.max_restarts:
             raise EngineCrashed(
                 f"rollout engine {e.index} failed {e.restarts + 1} times ({why}); its log ends "
@@ -286,7 +286,9 @@ class RolloutPool:
         with self._lock:
             for e in self.engines:
                 e.restarts = 0
-            work = [(e, requests[a:b]) for e, (a, b) in zip(self.engines, self._shards(len(requests)))]
+            work = [
+                (e, requests[a:b]) for e, (a, b) in zip(self.engines, self._shards(len(requests)))
+            ]
             work = [(e, shard) for e, shard in work if shard]
             with ThreadPoolExecutor(max_workers=max(1, len(work))) as ex:
                 futures = [ex.submit(self._run_shard, e, shard, sampling) for e, shard in work]
@@ -318,8 +320,10 @@ class RolloutPool:
             raise ValueError(f"update_weights: version must be an int >= 0, got {version!r}")
         with self._lock:
             new_group = self._group is None
-            spec = self._new_spec(1 + sum(e.receivers for e in self.engines)) if new_group else (
-                self._group.spec
+            spec = (
+                self._new_spec(1 + sum(e.receivers for e in self.engines))
+                if new_group
+                else (self._group.spec)
             )
             rank = 1
             for e in self.engines:

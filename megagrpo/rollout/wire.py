@@ -77,7 +77,11 @@ def decode_requests(items: list[dict]) -> list[RolloutRequest]:
 
 
 def generate_message(requests: list[RolloutRequest], sampling: SamplingParams) -> dict:
-    return {"cmd": "generate", "requests": encode_requests(requests), "sampling": sampling.to_dict()}
+    return {
+        "cmd": "generate",
+        "requests": encode_requests(requests),
+        "sampling": sampling.to_dict(),
+    }
 
 
 def encode_groups(groups: list[list[Sample]]) -> list[list[dict]]:
