@@ -5,7 +5,7 @@
 | ``use_vllm=False``, ``rollout_num_engines=0`` | ``TransformersEngine`` in this process |
 | ``use_vllm=False``, ``rollout_num_engines=E`` | ``RolloutPool`` of E transformers processes |
 | ``use_vllm=True``, ``vllm_mode="colocate"`` | ``VLLMEngine`` in this trainer process |
-| ``use_vllm=True``, ``vllm_mode="server"`` | ``RolloutPool`` over ``rollout-server --engine vllm`` |
+| ``use_vllm=True``, ``vllm_mode="server"`` | ``RolloutPool`` over vLLM rollout-servers |
 """
 
 from __future__ import annotations
