@@ -118,6 +118,19 @@ def test_an_engine_killed_mid_batch_is_replaced_and_the_batch_completes(setup):
         assert {n: d[2] for n, d in digests.items()} == {n: _sha(t) for n, t in current.items()}
 
 
+def test_an_engine_dead_between_calls_is_replaced_at_the_next_update(setup):
+    hf_dir, engine, pool = setup
+    old_pid = pool.engines[0].proc.pid
+    os.kill(old_pid, signal.SIGKILL)
+    pool.engines[0].proc.wait()
+    current = engine.state_dict_copy()
+    before = pool.restart_count
+    pool.update_weights(current.items(), pool.weight_version + 1)
+    assert pool.restart_count == before + 1 and pool.engines[0].proc.pid != old_pid
+    for digests in pool.weights_digests():
+        assert {n: d[2] for n, d in digests.items()} == {n: _sha(t) for n, t in current.items()}
+
+
 def test_server_errors_come_back_and_the_engine_stays_up(setup):
     hf_dir, engine, pool = setup
     with pytest.raises(wire.ServerError, match=r"'x': token ids \[999\] are outside"):

@@ -194,37 +194,39 @@ class TransformersEngine:
         cache, logits_bv, lens_b, key_bias_bl, p = self._prefill(requests, n, steps)
         rows = len(requests) * n
         stop_ids = self._stop_ids(sampling).to(dev)
-        u_bt = None if sampling.greedy else uniforms_for([r.seed for r in requests], n, steps)
+        u_bt = None
+        if not sampling.greedy:
+            u_bt = uniforms_for([r.seed for r in requests], n, steps).to(dev)
         seen_bv = None
         if sampling.repetition_penalty != 1.0:
             seen_bv = torch.zeros(rows, logits_bv.shape[-1], dtype=torch.bool, device=dev)
             for i, r in enumerate(requests):
                 seen_bv[i * n : (i + 1) * n, list(r.prompt_ids)] = True
-        tokens_bt = torch.zeros(rows, steps, dtype=torch.long)
-        logp_bt = torch.zeros(rows, steps, dtype=torch.float32)
-        length_b = torch.full((rows,), steps, dtype=torch.long)
-        stopped_b = torch.zeros(rows, dtype=torch.bool)
-        live_b = torch.arange(rows)  # original row of each row still in the batch
+        # Bookkeeping stays on the model's device: no host round trip per token but one sync.
+        tokens_bt = torch.zeros(rows, steps, dtype=torch.long, device=dev)
+        logp_bt = torch.zeros(rows, steps, dtype=torch.float32, device=dev)
+        length_b = torch.full((rows,), steps, dtype=torch.long, device=dev)
+        stopped_b = torch.zeros(rows, dtype=torch.bool, device=dev)
+        live_b = torch.arange(rows, device=dev)  # original row of each row still in the batch
         pos_b = lens_b.to(dev)
         alive_b = torch.ones(rows, dtype=torch.bool, device=dev)
         for t in range(steps):
             logp_bv = processed_logprobs(logits_bv, sampling, seen_bv)
-            tok_b = greedy(logp_bv) if u_bt is None else draw(logp_bv, u_bt[live_b, t].to(dev))
-            tokens_bt[live_b, t] = tok_b.cpu()
-            logp_bt[live_b, t] = logp_bv.gather(1, tok_b[:, None]).squeeze(1).cpu()
+            tok_b = greedy(logp_bv) if u_bt is None else draw(logp_bv, u_bt[live_b, t])
+            tokens_bt[live_b, t] = tok_b
+            logp_bt[live_b, t] = logp_bv.gather(1, tok_b[:, None]).squeeze(1)
             ends_b = torch.isin(tok_b, stop_ids) & alive_b
-            if bool(ends_b.any()):
-                ended = live_b[ends_b.cpu()]
-                length_b[ended] = t + 1
-                stopped_b[ended] = True
-                alive_b &= ~ends_b
-            n_alive = int(alive_b.sum())
+            ended = live_b[ends_b]
+            length_b[ended] = t + 1
+            stopped_b[ended] = True
+            alive_b &= ~ends_b
+            n_alive = int(alive_b.sum())  # the one host sync of the step
             if n_alive == 0 or t == steps - 1:
                 break
             if n_alive < self.config.compact_below * alive_b.shape[0]:
                 keep = alive_b.nonzero().squeeze(1)
                 cache.keep_rows(keep)
-                live_b, tok_b, pos_b = live_b[keep.cpu()], tok_b[keep], pos_b[keep]
+                live_b, tok_b, pos_b = live_b[keep], tok_b[keep], pos_b[keep]
                 key_bias_bl = key_bias_bl[keep]
                 seen_bv = None if seen_bv is None else seen_bv[keep]
                 alive_b = alive_b[keep]

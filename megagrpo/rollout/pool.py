@@ -319,6 +319,10 @@ class RolloutPool:
         if not isinstance(version, int) or version < 0:
             raise ValueError(f"update_weights: version must be an int >= 0, got {version!r}")
         with self._lock:
+            for e in self.engines:  # an engine that died since the last call is replaced first
+                if e.proc is not None and e.proc.poll() is not None:
+                    e.restarts = 0
+                    self._restart(e, f"exited with code {e.proc.returncode} before an update")
             new_group = self._group is None
             spec = (
                 self._new_spec(1 + sum(e.receivers for e in self.engines))
