@@ -9,7 +9,7 @@ import torch
 
 from megagrpo.rollout.decoder import FusedDecoder
 from megagrpo.rollout.hf_engine import TransformersEngine, TransformersEngineConfig
-from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
+from megagrpo.rollout.protocol import RolloutEngine, RolloutRequest, SamplingParams
 
 EOS = 2  # <|im_end|> of the demo tokenizer
 
@@ -230,6 +230,7 @@ def test_update_weights_in_place_and_outputs_follow(tiny_checkpoint):
     with torch.no_grad():
         for p in target.parameters():
             p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    assert isinstance(engine, RolloutEngine)
     params = [id(p) for p in engine.model.parameters()]
     count = engine.update_weights(((n, p.detach()) for n, p in target.named_parameters()), 3)
     assert count == len(list(target.named_parameters()))

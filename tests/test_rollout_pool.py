@@ -15,7 +15,7 @@ import torch
 from megagrpo.rollout import wire
 from megagrpo.rollout.hf_engine import TransformersEngine, TransformersEngineConfig
 from megagrpo.rollout.pool import EngineCrashed, RolloutPool, RolloutPoolConfig
-from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
+from megagrpo.rollout.protocol import RolloutEngine, RolloutRequest, SamplingParams
 
 
 def _requests(seed, n):
@@ -60,6 +60,7 @@ def test_two_engines_return_the_groups_of_one(setup):
     hf_dir, engine, pool = setup
     reqs = _requests(0, 9)
     sp = SamplingParams(n=4, temperature=0.9, top_p=0.95, top_k=50, max_tokens=24, seed=11)
+    assert isinstance(pool, RolloutEngine)
     out = pool.generate(reqs, sp)
     _assert_same_groups(out, engine.generate(reqs, sp))
     assert len({tuple(s.completion_ids) for g in out for s in g}) > 30  # real sampling

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megagrpo.rollout.config import RolloutConfig, build_rollout_engine
-from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
+from megagrpo.rollout.protocol import RolloutEngine, RolloutRequest, SamplingParams
 from megagrpo.rollout.vllm_engine import (
     WORKER_EXTENSION,
     VLLMConfig,
@@ -192,6 +192,7 @@ def test_outputs_become_ordered_groups_with_sampled_logprobs():
     engine = VLLMEngine(
         llm, VLLMConfig(model="m", enable_sleep_mode=False), vllm_module=fake_vllm()
     )
+    assert isinstance(engine, RolloutEngine)
     engine.weight_version = 6
     sp = SamplingParams(n=3, max_tokens=10, seed=123)
     groups = engine.generate(REQS, sp)

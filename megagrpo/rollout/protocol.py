@@ -30,7 +30,7 @@ returns the same groups as one engine (``request_seed`` / ``sample_seed``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
@@ -165,7 +165,6 @@ class Sample:
     request_id: str | None = None
     index: int = 0
     """Position in its group."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,7 +175,6 @@ class Sample:
             "weight_version": int(self.weight_version),
             "request_id": self.request_id,
             "index": int(self.index),
-            "extra": dict(self.extra),
         }
 
     @classmethod

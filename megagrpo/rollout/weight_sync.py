@@ -111,10 +111,11 @@ class StatelessGroup:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
             self.device = torch.device("cpu")
         elif spec.backend == "nccl":
+            self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
+            torch.cuda.set_device(self.device)  # NCCL binds the communicator to this GPU
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             self.pg = dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, opts)
-            self.device = torch.device(device or f"cuda:{torch.cuda.current_device()}")
         else:
             raise ValueError(f"sync group backend must be gloo or nccl, got {spec.backend!r}")
 
