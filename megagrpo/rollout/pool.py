@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from megagrpo.rollout import wire
 from megagrpo.rollout.protocol import RolloutRequest, Sample, SamplingParams, resolve_seeds
 from megagrpo.rollout.weight_sync import (
@@ -305,9 +307,19 @@ class RolloutPool:
             host=ws.host,
             port=free_port(),
             world_size=world_size,
-            backend=ws.resolved_backend(),
+            backend=self._backend(),
             timeout_s=ws.timeout_s,
         )
+
+    def _backend(self) -> str:
+        """NCCL only when both ends hold GPUs: vLLM or CUDA engines and a CUDA sender."""
+        c = self.config
+        if c.weight_sync.backend != "auto":
+            return c.weight_sync.backend
+        gpu_engines = (
+            not self.spawned or c.engine == "vllm" or any(d.startswith("cuda") for d in c.devices)
+        )
+        return "nccl" if gpu_engines and torch.cuda.is_available() else "gloo"
 
     def _drop_group(self) -> None:
         if self._group is not None:

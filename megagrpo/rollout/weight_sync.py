@@ -52,7 +52,7 @@ class WeightSyncConfig:
     bucket_bytes: int = 512 * 2**20
     """Bytes per broadcast bucket (the sender's extra memory is about one bucket)."""
     backend: str = "auto"
-    """``gloo``, ``nccl`` or ``auto`` (NCCL when CUDA is available, gloo otherwise)."""
+    """``gloo``, ``nccl`` or ``auto`` (NCCL when the sender and the engines hold GPUs)."""
     host: str = "127.0.0.1"
     """Address of the sender's TCP store, as the engines reach it."""
     timeout_s: float = 600.0
@@ -67,11 +67,6 @@ class WeightSyncConfig:
             raise ValueError(
                 f"WeightSyncConfig.backend must be auto, gloo or nccl, got {self.backend!r}"
             )
-
-    def resolved_backend(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 @dataclass(frozen=True)
