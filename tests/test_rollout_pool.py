@@ -150,6 +150,14 @@ def test_shutdown_leaves_no_process(tiny_checkpoint, tmp_path):
     )  # fmt: skip
     pids = pool.engine_pids()
     assert all(_alive(p) for p in pids)
+    # Without a kept copy, an engine restarted after an update cannot get the current weights.
+    pool.config.keep_weights_copy = False
+    pool.update_weights([("model.norm.weight", torch.ones(64))], 1)  # a partial update
+    os.kill(pids[1], signal.SIGKILL)
+    with pytest.raises(EngineCrashed, match=r"restarted after weight updates \(version 1\)"):
+        pool.generate(_requests(4, 2), SamplingParams(max_tokens=4))
+    pids += [p for p in pool.engine_pids() if p not in pids]  # the replacement process
+    assert len(pids) == 3
     pool.close()
     assert not any(_alive(p) for p in pids)
     assert (

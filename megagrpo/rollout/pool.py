@@ -116,6 +116,7 @@ class RolloutPool:
     def __init__(self, config: RolloutPoolConfig):
         self.config = config
         self.weight_version = 0
+        self._updated = False  # whether update_weights ever ran (restarts then need weights)
         self._weights_copy: dict | None = None
         self._group: StatelessGroup | None = None
         self._lock = threading.RLock()
@@ -228,7 +229,7 @@ class RolloutPool:
             e.proc.wait()
         self._spawn(e)
         self._await_ready(e)
-        if self.weight_version > 0:
+        if self._updated:
             self._resync(e)
         # The sync group had the old process as a member: build a new one at the next update.
         self._drop_group()
@@ -236,8 +237,9 @@ class RolloutPool:
     def _resync(self, e: _Engine) -> None:
         if self._weights_copy is None:
             raise EngineCrashed(
-                f"rollout engine {e.index} was restarted at weight version {self.weight_version} "
-                "but the pool keeps no copy of the weights (keep_weights_copy=False)"
+                f"rollout engine {e.index} was restarted after weight updates (version "
+                f"{self.weight_version}) but the pool keeps no copy of the weights "
+                "(keep_weights_copy=False)"
             )
         spec = self._new_spec(1 + e.receivers)
         wire.send_msg(
@@ -365,6 +367,7 @@ class RolloutPool:
                 wire.check_reply(wire.recv_msg(e.sock))
             self._weights_copy = copy
             self.weight_version = version
+            self._updated = True
         return stats
 
     def weights_digests(self) -> list[dict]:

@@ -287,4 +287,7 @@ class VLLMEngine:
         return int(counts[0])
 
     def state_dict_copy(self):
+        """colocate: the in-process model's parameters (vLLM's names, e.g. fused qkv_proj)."""
+        if self.config.mode != "colocate":
+            raise RuntimeError("VLLMEngine(mode='server') holds no model in this process")
         return {n: p.detach().cpu().clone() for n, p in self._local_model().named_parameters()}
