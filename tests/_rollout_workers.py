@@ -53,10 +53,12 @@ class _Sender:
         send_weights(self.group, named_tensors, version, self.bucket_bytes)
 
 
-def megatron_to_engine_worker(trainer_dir, engine_dir, trainer_port, sync_port, bucket_bytes):
-    """Ranks 0-1: a TP=2 megatron model of ``trainer_dir``; rank 2: a transformers engine
-    started from ``engine_dir`` (other weights). Rank 0 broadcasts the live model's HF tensors
-    to the engine, rank 1 runs the iterator alongside. The engine returns its parameters."""
+def megatron_to_engine_worker(
+    trainer_dir, engine_dir, trainer_port, sync_port, bucket_bytes, tp, pp
+):
+    """Ranks 0-1: a TP x PP = 2 megatron model of ``trainer_dir``; rank 2: a transformers
+    engine started from ``engine_dir`` (other weights). Rank 0 broadcasts the live model's HF
+    tensors to the engine, rank 1 runs the iterator alongside. The engine returns its weights."""
     rank = int(os.environ["RANK"])
     spec = GroupSpec("127.0.0.1", sync_port, 2, "gloo", 120.0, group_id="megatron-sync")
     if rank == 2:
@@ -74,7 +76,7 @@ def megatron_to_engine_worker(trainer_dir, engine_dir, trainer_port, sync_port, 
     from megagrpo.models.builder import ParallelSettings, build_model
     from megagrpo.models.hf_weights import load_hf_weights
 
-    par = ParallelSettings(tensor_model_parallel_size=2)
+    par = ParallelSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     groups = init_distributed(par, seed=1234)
     arch = load_arch(trainer_dir)
     chunks = build_model(arch, par, pg_collection=groups.pg_collection)

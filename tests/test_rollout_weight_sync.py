@@ -101,17 +101,17 @@ def test_gloo_broadcast_to_two_receivers_is_bit_identical():
             assert _bits_equal(received[n], t), n
 
 
-def test_megatron_tp2_weights_reach_an_engine_bit_identical(tiny_checkpoint, tmp_path):
-    """The trainer's live TP=2 model (seed 0 weights) replaces an engine's other weights."""
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_megatron_weights_reach_an_engine_bit_identical(tp, pp, tiny_checkpoint, tmp_path):
+    """The trainer's live TP=2 or PP=2 model (seed 0 weights) replaces an engine's weights."""
     from megagrpo.conversion.safetensors_io import SafetensorsDir
     from megagrpo.demo.tiny_models import save_tiny_checkpoint
 
     trainer_dir = tiny_checkpoint("qwen2")
     engine_dir = str(tmp_path / "other")
     save_tiny_checkpoint("qwen2", engine_dir, seed=1)
-    out = run_ranks(
-        3, megatron_to_engine_worker, trainer_dir, engine_dir, free_port(), free_port(), 4096
-    )
+    ports = free_port(), free_port()
+    out = run_ranks(3, megatron_to_engine_worker, trainer_dir, engine_dir, *ports, 4096, tp, pp)
     engine = out[2]
     src = SafetensorsDir(trainer_dir)
     assert engine["count"] == len(src.names())
