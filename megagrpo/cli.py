@@ -1,4 +1,4 @@
-"""The ``megagrpo`` command: ``demo``, ``convert`` and ``train``."""
+"""The ``megagrpo`` command: ``demo``, ``convert``, ``rollout-server`` and ``train``."""
 
 from __future__ import annotations
 
@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=5)
     convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron")
     add_convert_arguments(convert)
+    from megagrpo.rollout.server import add_server_arguments
+
+    server = sub.add_parser("rollout-server", help="serve one rollout engine to a rollout pool")
+    add_server_arguments(server)
     train = sub.add_parser("train", help="GRPO training from a YAML recipe")
     train.add_argument("--config", help="YAML recipe (open-r1 style keys)")
     train.add_argument(
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     from megagrpo.conversion.safetensors_io import CheckpointError
     from megagrpo.models.arch import ArchitectureError
 
+    if args.command == "rollout-server":
+        from megagrpo.rollout.server import run_server
+
+        return run_server(args)
     try:
         if args.command == "train":
             return _cmd_train(args, rest)
