@@ -70,13 +70,14 @@ def megatron_to_engine_worker(
         group.close()
         return {"count": count, "params": engine.state_dict_copy(), "version": 1}
     os.environ.update(WORLD_SIZE="2", MASTER_PORT=str(trainer_port))
+    from megagrpo.config import MegatronConfig
     from megagrpo.conversion.safetensors_io import SafetensorsDir
     from megagrpo.distributed import init_distributed
     from megagrpo.models.arch import load_arch
-    from megagrpo.models.builder import ParallelSettings, build_model
+    from megagrpo.models.builder import build_model
     from megagrpo.models.hf_weights import load_hf_weights
 
-    par = ParallelSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    par = MegatronConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     groups = init_distributed(par, seed=1234)
     arch = load_arch(trainer_dir)
     chunks = build_model(arch, par, pg_collection=groups.pg_collection)
