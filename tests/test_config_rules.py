@@ -97,6 +97,12 @@ def test_base_recipe_is_valid():
         ),
         (["--reward_timeout_seconds", "0"], ["reward_timeout_seconds=0.0 must be > 0"]),
         (["--num_reward_workers", "0"], ["num_reward_workers=0 must be >= 1"]),
+        (["--rollout_num_engines", "-1"], ["rollout_num_engines=-1 must be >= 0"]),
+        (["--async_max_staleness", "-2"], ["async_max_staleness=-2 must be >= 0"]),
+        (["--eval_num_generations", "0"], ["eval_num_generations=0 must be >= 1"]),
+        (["--weight_sync_bucket_mb", "0"], ["weight_sync_bucket_mb=0 must be >= 1"]),
+        (["--rollout_threads_per_engine", "0"], ["rollout_threads_per_engine=0 must be >= 1"]),
+        (["--eval_max_prompts", "0"], ["eval_max_prompts=0 must be >= 1"]),
         # optimisation
         (["--learning_rate", "0"], ["learning_rate=0.0 must be > 0"]),
         (["--learning_rate", "nan"], ["learning_rate=nan must be > 0"]),

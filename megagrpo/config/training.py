@@ -227,6 +227,33 @@ class GRPOConfig:
         "vllm_importance_sampling_clip_max with default 3.0 and masking, accepted as an alias).",
     )
 
+    # ---- rollout engines (megagrpo) ----
+    rollout_num_engines: int = option(
+        0,
+        help="Transformers-engine processes generating completions (use_vllm false); 0 runs the "
+        "engine inside the trainer's rank 0.",
+    )
+    rollout_threads_per_engine: int | None = option(
+        None, help="CPU threads per rollout-engine process; None splits the cores evenly."
+    )
+    rollout_max_batch_size: int = option(
+        1024, help="Sequences the transformers engine decodes together."
+    )
+    vllm_server_addresses: list[str] = option(
+        [],
+        help="server mode: host:port of every rollout-server (several for a pool); empty uses "
+        "vllm_server_host:vllm_server_port.",
+    )
+    weight_sync_bucket_mb: int = option(
+        512, help="Bucket size of the weight broadcast from the trainer to engine processes."
+    )
+    async_max_staleness: int = option(
+        0,
+        help="Generate the next batch while the policy trains on this one; a batch may lag the "
+        "trained weights by at most this many optimizer steps (0: synchronous, on-policy). "
+        "Off-policy tokens are corrected by the truncated importance weight.",
+    )
+
     # ---- checkpoints and evaluation ----
     save_strategy: Literal["no", "steps", "epoch"] = option(
         "steps", help="When to save checkpoints.", aliases=_NO
@@ -248,6 +275,14 @@ class GRPOConfig:
     )
     eval_steps: int | float | None = option(
         None, help="Evaluate every this many steps (eval_strategy=steps); None uses logging_steps."
+    )
+    eval_num_generations: int = option(
+        4,
+        help="k of the evaluation's mean@k and pass@k (samples per test prompt, at the training "
+        "temperature); greedy accuracy is measured besides.",
+    )
+    eval_max_prompts: int | None = option(
+        None, help="Evaluate on at most this many test prompts (the first ones); None: all."
     )
 
     def __post_init__(self) -> None:

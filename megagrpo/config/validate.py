@@ -186,6 +186,15 @@ def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
             f"vllm_importance_sampling_cap={t.vllm_importance_sampling_cap} must be >= 1 "
             "(a cap below 1 would shrink on-policy tokens)"
         )
+    _at_least(errors, "rollout_num_engines", t.rollout_num_engines, 0)
+    _at_least(errors, "rollout_max_batch_size", t.rollout_max_batch_size, 1)
+    _at_least(errors, "weight_sync_bucket_mb", t.weight_sync_bucket_mb, 1)
+    _at_least(errors, "async_max_staleness", t.async_max_staleness, 0)
+    _at_least(errors, "eval_num_generations", t.eval_num_generations, 1)
+    if t.rollout_threads_per_engine is not None:
+        _at_least(errors, "rollout_threads_per_engine", t.rollout_threads_per_engine, 1)
+    if t.eval_max_prompts is not None:
+        _at_least(errors, "eval_max_prompts", t.eval_max_prompts, 1)
     if t.vllm_max_model_length is not None and t.max_prompt_length is not None:
         needed = t.max_prompt_length + t.max_completion_length
         if t.vllm_max_model_length < needed:
