@@ -161,6 +161,10 @@ def test_sampler_covers_each_epoch_once_and_resumes():
     fresh = PromptSampler(10, 4, dp_rank=0, dp_size=2, seed=1)
     fresh.load_state_dict(state)
     assert fresh.next_step() == nxt
+    # the stateless view agrees: step k of rank r
+    again = [PromptSampler(10, 4, dp_rank=r, dp_size=2, seed=1) for r in range(2)]
+    assert [again[r].rows_at(k) for k in range(2) for r in range(2)] == epoch0
+    assert again[0].rows_at(2) == nxt
     with pytest.raises(ValueError, match="prompts_per_step=8.*silently change the data order"):
         PromptSampler(10, 8, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="do not split over 3 data-parallel ranks"):

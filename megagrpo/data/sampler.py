@@ -45,6 +45,15 @@ class PromptSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_prompts, generator=g)
 
+    def rows_at(self, step: int) -> list[int]:
+        """This rank's prompt indices of step ``step`` (0-based), without touching the state:
+        the order is a function of the step alone, so resuming needs only the step."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = self._permutation(epoch)
+        per_rank = self.prompts_per_step // self.dp_size
+        start = k * self.prompts_per_step + self.dp_rank * per_rank
+        return perm[start : start + per_rank].tolist()
+
     def next_step(self) -> list[int]:
         """This rank's prompt indices for the next step."""
         if self.position + self.prompts_per_step > self.num_prompts:

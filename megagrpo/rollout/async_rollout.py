@@ -146,6 +146,11 @@ class AsyncRollout:
             self._updates += 1
             self._cond.notify_all()
 
+    def generate_now(self, requests, sampling: SamplingParams) -> list[list[Sample]]:
+        """Generate outside the stream (evaluation), between the producer's generations."""
+        with self._engine_lock:
+            return self.engine.generate(requests, sampling)
+
     @property
     def updates(self) -> int:
         return self._updates

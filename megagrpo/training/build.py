@@ -1,0 +1,210 @@
+"""Everything a GRPO run holds, built from a recipe (the seed's initialization, dataset
+preparation and model setup).
+
+``build_run(recipe)`` starts the distributed groups, resolves the model directory, loads the
+tokenizer and (on global rank 0) the prompt data, builds the megatron policy (DDP-wrapped) and
+its optimizer, the frozen reference model when beta > 0, the rollout engine and reward pool (rank
+0), the metrics logger, and resumes from the newest complete checkpoint when there is one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megagrpo.algorithms.loss_aggregation import LossType, get_loss_type
+from megagrpo.config import Recipe, recipe_to_dict, validate_layout, validate_recipe
+from megagrpo.conversion.safetensors_io import SafetensorsDir
+from megagrpo.distributed import ParallelGroups, init_distributed
+from megagrpo.models.arch import ModelArch, load_arch
+from megagrpo.models.builder import build_model
+from megagrpo.models.hf_weights import load_hf_weights
+from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
+from megagrpo.training.checkpoint import load_checkpoint, resolve_resume
+from megagrpo.training.lr_schedule import LRSchedule, schedule_from_config
+from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
+from megagrpo.training.policy_update import LossSettings
+from megagrpo.training.reference import ReferenceModel
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    groups: ParallelGroups
+    arch: ModelArch
+    model_dir: str
+    tokenizer: Any
+    modules: list
+    """The policy's megatron model chunks (unwrapped)."""
+    policy: list
+    """The same chunks wrapped in megatron DDP."""
+    optimizer: Any
+    schedule: LRSchedule
+    loss_type: LossType
+    loss: LossSettings
+    reference: ReferenceModel | None
+    logger: MetricsLogger
+    total_steps: int
+    start_step: int
+    micro_batch_size: int
+    data: Any = None
+    """Rank 0: the prompt data (``megagrpo.training.prompt_data.PromptData``)."""
+    rollout: Any = None
+    """Rank 0: the rollout driver (``megagrpo.training.rollout_driver.RolloutDriver``)."""
+
+    @property
+    def device(self):
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        t = self.recipe.training
+        return t.num_iterations > 1 or t.async_max_staleness > 0 or self.loss.tis_cap is not None
+
+
+def resolve_model_dir(name: str, revision: str = "main") -> str:
+    """A local model directory, or a download of the hub repository (needs the network)."""
+    if os.path.isdir(name):
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            name,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
+        )
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types
+        raise FileNotFoundError(
+            f"model_name_or_path={name!r}: not a local directory, and the download from the "
+            f"Hugging Face hub failed ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _params_dtype(training) -> torch.dtype:
+    if not torch.cuda.is_available():
+        return torch.float32  # megatron's bf16 optimizer needs CUDA; CPU trains fp32
+    if training.fp16:
+        return torch.float16
+    return torch.bfloat16 if training.bf16 else torch.float32
+
+
+def _broadcast_int(value: int | None, groups) -> int:
+    if groups.world_size == 1:
+        return int(value)
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def build_run(recipe: Recipe) -> Run:
+    """Assemble a run; every rank calls it."""
+    validate_recipe(recipe)
+    t, mc = recipe.training, recipe.megatron
+    _seed_everything(t.seed)
+    groups = init_distributed(mc, seed=t.seed, timeout_minutes=mc.distributed_timeout_minutes)
+    model_dir = resolve_model_dir(recipe.model.model_name_or_path, recipe.model.model_revision)
+    arch = load_arch(model_dir)
+    validate_layout(
+        recipe,
+        world_size=groups.world_size,
+        num_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    resolved = mc.resolved(t.gradient_checkpointing)
+    dtype = _params_dtype(t)
+    source = SafetensorsDir(model_dir)
+    modules = build_model(arch, resolved, pg_collection=groups.pg_collection, params_dtype=dtype)
+    load_hf_weights(modules, source, arch, groups)
+    policy = wrap_ddp(modules, resolved)
+    optimizer = build_optimizer(policy, OptimizerSettings.from_config(t), resolved)
+    reference = None
+    if t.beta > 0:
+        ref = build_model(arch, resolved, pg_collection=groups.pg_collection, params_dtype=dtype)
+        load_hf_weights(ref, source, arch, groups)
+        reference = ReferenceModel(ref, offload=t.ref_model_offload)
+
+    data = None
+    if groups.rank == 0:
+        from megagrpo.training.prompt_data import load_prompt_data
+
+        data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
+    total_steps = _broadcast_int(data.total_steps if data else None, groups)
+    checkpoint = resolve_resume(t.output_dir, t.resume_from_checkpoint)
+    start_step = 0
+    if checkpoint:
+        state = load_checkpoint(
+            checkpoint,
+            modules,
+            optimizer,
+            arch,
+            groups,
+            distributed_optimizer=resolved.use_distributed_optimizer and torch.cuda.is_available(),
+        )
+        start_step = state.step
+    logger = MetricsLogger(
+        t.output_dir,
+        report_to=t.report_to,
+        wandb=WandbSettings(
+            project=t.wandb_project,
+            entity=t.wandb_entity,
+            group=t.wandb_run_group,
+            run_name=t.run_name,
+            config=recipe_to_dict(recipe),
+        ),
+        enabled=groups.rank == 0,
+    )
+    run = Run(
+        recipe=recipe,
+        groups=groups,
+        arch=arch,
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        modules=modules,
+        policy=policy,
+        optimizer=optimizer,
+        schedule=schedule_from_config(t, total_steps * t.num_iterations),
+        loss_type=get_loss_type(t.loss_type),
+        loss=LossSettings.from_config(t),
+        reference=reference,
+        logger=logger,
+        total_steps=total_steps,
+        start_step=start_step,
+        micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
+        data=data,
+    )
+    if groups.rank == 0:
+        from megagrpo.training.rollout_driver import RolloutDriver
+
+        run.rollout = RolloutDriver.create(run)
+    return run
+
+
+def steps_for(num_prompts: int, prompts_per_step: int, training) -> int:
+    """Generation steps of the run: max_steps, else num_train_epochs over the prompts."""
+    if training.max_steps and training.max_steps > 0:
+        return training.max_steps
+    return max(1, math.ceil(training.num_train_epochs * (num_prompts // prompts_per_step)))

@@ -1,0 +1,188 @@
+"""The GRPO training loop (the seed's "GRPO training" and "monitoring").
+
+Each step: rollout -> rewards -> advantages (rank 0, broadcast) -> this rank's micro-batches
+-> old / reference log-probs -> ``num_iterations`` policy updates through megatron's schedules
+-> weight sync to the rollout engines -> metrics -> checkpoint -> evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from megagrpo.algorithms.loss_aggregation import BatchContext
+from megagrpo.rollout.weight_sync import sync_weights_from_megatron
+from megagrpo.training.batch import make_micro_batches
+from megagrpo.training.checkpoint import TrainerState, save_checkpoint
+from megagrpo.training.logprob_pass import fill_logprobs
+from megagrpo.training.optimizer import set_learning_rate
+from megagrpo.training.policy_update import grpo_update, reduce_metrics
+from megagrpo.training.rollout_step import broadcast_step, local_batch
+
+
+def train(run) -> list[dict]:
+    """Run the steps from run.start_step to run.total_steps; returns the logged metrics."""
+    t = run.recipe.training
+    if run.start_step > 0:  # a resumed policy: the engines still hold the initial weights
+        push_weights(run, version=run.start_step, direct=True)
+    if run.groups.rank == 0:
+        run.rollout.start(run.start_step, run.total_steps)
+    history = []
+    try:
+        for step in range(run.start_step, run.total_steps):
+            timer = StepTimer()
+            with timer("generation"):
+                data = broadcast_step(
+                    run.rollout.step_data(step) if run.groups.rank == 0 else None, run.groups
+                )
+            mbs = [
+                mb.to(run.device)
+                for mb in make_micro_batches(
+                    local_batch(data, run.groups, t.num_generations),
+                    run.micro_batch_size,
+                    pad_token_id=run.tokenizer.pad_token_id or 0,
+                    mask_truncated_completions=t.mask_truncated_completions,
+                    length_multiple=run.groups.tp_size
+                    if run.recipe.megatron.sequence_parallel
+                    else 1,
+                )
+            ]
+            ctx = batch_context(run, mbs)
+            with timer("logprobs"):
+                if run.needs_old_logprobs:
+                    fill_logprobs(
+                        run.policy, mbs, run.groups, temperature=t.temperature, field="old_logp_bl"
+                    )
+                if run.reference is not None:
+                    run.reference.fill(mbs, run.groups, temperature=t.temperature)
+            with timer("update"):
+                for it in range(t.num_iterations):
+                    update = optimizer_step(run, mbs, ctx, step * t.num_iterations + it)
+            with timer("weight_sync"):
+                push_weights(run, version=step + 1)
+            metrics = {**data.metrics, **update, **timer.metrics(), "step": step + 1}
+            history.append(metrics)
+            after_step(run, step + 1, data, metrics)
+    finally:
+        if run.groups.rank == 0:
+            run.rollout.close()
+        run.logger.close()
+    return history
+
+
+def batch_context(run, mbs) -> BatchContext:
+    """Token count of the whole generation batch (DAPO's normaliser), over DP ranks."""
+    tokens = torch.tensor(
+        [float(sum(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=run.device
+    )
+    if run.groups.dp_size > 1:
+        dist.all_reduce(tokens, group=run.groups.dp)
+    return BatchContext(
+        num_microbatches=len(mbs),
+        dp_size=run.groups.dp_size,
+        max_completion_length=run.recipe.training.max_completion_length,
+        global_num_tokens=int(tokens.item()),
+    )
+
+
+def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, float]:
+    for m in run.policy:
+        m.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    sums = grpo_update(run.policy, mbs, run.groups, run.loss, run.loss_type, ctx)
+    lr = run.schedule.lr(update_index)
+    set_learning_rate(run.optimizer, lr, run.recipe.training.weight_decay)
+    ok, grad_norm, _ = run.optimizer.step()
+    metrics = reduce_metrics(sums, run.groups, ctx.num_microbatches, run.loss_type)
+    metrics.update(
+        learning_rate=lr, grad_norm=float(grad_norm or 0.0), update_skipped=float(not ok)
+    )
+    return metrics
+
+
+def push_weights(run, *, version: int, direct: bool = False) -> None:
+    """Megatron weights -> HF names -> the rollout engines (every rank takes part)."""
+    target = None
+    if run.groups.rank == 0:
+        target = run.rollout.engine if direct else run.rollout.weight_target()
+    sync_weights_from_megatron(run.modules, run.arch, run.groups, target, version)
+
+
+def after_step(run, step: int, data, metrics: dict) -> None:
+    """Logging, completion tables, checkpoints and evaluation after an optimizer step."""
+    t = run.recipe.training
+    if run.groups.rank == 0 and (
+        step % _every(t.logging_steps, run.total_steps) == 0
+        or step == run.total_steps
+        or (step == 1 and t.logging_first_step)
+    ):
+        run.logger.log(step, metrics)
+        if t.log_completions:
+            from megagrpo.monitoring.completions_table import write_completions_table
+
+            write_completions_table(
+                t.output_dir,
+                step,
+                data.texts["prompts"],
+                data.texts["completions"],
+                {n: data.rewards_nk[:, k].tolist() for k, n in enumerate(data.reward_names)},
+                data.rewards_n.tolist(),
+                data.advantages_n.tolist(),
+                data.finish_reasons,
+            )
+    if t.save_strategy == "steps" and (
+        step % _every(t.save_steps, run.total_steps) == 0 or step == run.total_steps
+    ):
+        save_checkpoint(
+            t.output_dir,
+            TrainerState(step=step, layout=_layout(run), metrics=metrics),
+            run.modules,
+            run.optimizer,
+            run.arch,
+            run.groups,
+            save_total_limit=t.save_total_limit,
+            hf_source_dir=run.model_dir,
+            distributed_optimizer=run.recipe.megatron.use_distributed_optimizer
+            and torch.cuda.is_available(),
+        )
+    if t.eval_strategy == "steps" and (
+        step % _every(t.eval_steps or t.logging_steps, run.total_steps) == 0
+        or step == run.total_steps
+    ):
+        from megagrpo.training.evaluation import evaluate
+
+        evaluate(run, step)
+
+
+def _every(value, total: int) -> int:
+    """Steps between events: a whole number, or a fraction of the run (HF's convention)."""
+    return max(1, round(value * total) if value < 1 else int(value))
+
+
+def _layout(run) -> dict:
+    g = run.groups
+    return {"tp": g.tp_size, "pp": g.pp_size, "vpp": g.vpp_size, "cp": g.cp_size, "dp": g.dp_size}
+
+
+class StepTimer:
+    """Wall-clock time of the phases of a step (TRL-style ``time/<phase>`` metrics)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.times.items()}
+        out["step_time"] = time.perf_counter() - self.start
+        return out

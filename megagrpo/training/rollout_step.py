@@ -1,0 +1,179 @@
+"""Rollout, rewards and advantages of one step, driven by global rank 0.
+
+Rank 0 holds the rollout engine (or the client of an engine pool) and the reward pool. For every
+step it turns the step's prompts into requests, gets ``num_generations`` completions per prompt
+(through ``AsyncRollout``: synchronously, or one batch ahead within ``async_max_staleness``),
+decodes them, scores them with every reward function, and computes group advantages over the
+whole generation batch. The result is broadcast to all ranks; each data-parallel rank trains on
+its contiguous share of whole groups. Legend: N completions of the step, K reward functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megagrpo.algorithms.advantages import group_advantages, weighted_rewards
+from megagrpo.training.batch import CompletionBatch
+
+
+@dataclass
+class StepData:
+    """One step's generation batch, on every rank."""
+
+    step: int
+    prompt_rows: list[int]
+    """Dataset rows of the step's prompts, in group order."""
+    prompt_ids: list[list[int]]
+    """Per completion (group-major)."""
+    completion_ids: list[list[int]]
+    sampler_logprobs: list[list[float]]
+    finish_reasons: list[str]
+    weight_versions: list[int]
+    rewards_nk: torch.Tensor
+    reward_names: list[str]
+    rewards_n: torch.Tensor
+    """The weighted total reward of each completion (NaN where nothing scored)."""
+    advantages_n: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    texts: dict[str, list] = field(default_factory=dict)
+    """Rank 0 only: prompt and completion texts for the completions table."""
+
+
+def requests_for(rows, dataset, step: int, seed: int):
+    """One request per prompt; seeds depend on the run seed, step and prompt row only."""
+    from megagrpo.rollout.protocol import RolloutRequest
+
+    return [
+        RolloutRequest(
+            prompt_ids=tuple(dataset[int(r)]["prompt_ids"]),
+            seed=(seed * 1_000_003 + step * 7919 + int(r)) & ((1 << 62) - 1),
+            request_id=f"{step}:{int(r)}",
+        )
+        for r in rows
+    ]
+
+
+def completion_metrics(completion_ids, finish_reasons) -> dict[str, float]:
+    """TRL's completion length metrics."""
+    lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
+    done = torch.tensor([f == "stop" for f in finish_reasons])
+    term = lengths[done]
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": 1.0 - done.double().mean().item(),
+        "completions/mean_terminated_length": term.mean().item() if len(term) else 0.0,
+        "completions/min_terminated_length": term.min().item() if len(term) else 0.0,
+        "completions/max_terminated_length": term.max().item() if len(term) else 0.0,
+    }
+
+
+def reward_metrics(rewards_nk, names, total_n, stats) -> dict[str, float]:
+    """TRL's reward metrics: per function mean/std (NaN-aware), reward, reward_std,
+    frac_reward_zero_std."""
+    out = {}
+    for k, name in enumerate(names):
+        col = rewards_nk[:, k]
+        valid = col[~torch.isnan(col)]
+        out[f"rewards/{name}/mean"] = valid.mean().item() if len(valid) else float("nan")
+        out[f"rewards/{name}/std"] = valid.std().item() if len(valid) > 1 else 0.0
+    valid = total_n[~torch.isnan(total_n)]
+    out["reward"] = valid.mean().item() if len(valid) else float("nan")
+    out["reward_std"] = stats.group_std_n.mean().item()
+    out["frac_reward_zero_std"] = stats.frac_zero_std
+    return out
+
+
+def score_and_advantage(
+    groups,
+    rows,
+    dataset,
+    tokenizer,
+    scorer,
+    reward_columns,
+    num_generations: int,
+    scale_rewards: str,
+    step: int,
+) -> StepData:
+    """Rank 0: decode, score and compute advantages for a generated batch."""
+    samples = [s for g in groups for s in g]
+    if any(len(g) != num_generations for g in groups):
+        raise RuntimeError(
+            f"the rollout engine returned groups of sizes "
+            f"{sorted({len(g) for g in groups})}, expected {num_generations}"
+        )
+    t0 = time.perf_counter()
+    completion_ids = [list(s.completion_ids) for s in samples]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    columns = {
+        c: [dataset[int(r)][c] for r in rows for _ in range(num_generations)]
+        for c in reward_columns
+    }
+    scores = scorer.score(completions, columns, completion_ids)
+    total_n = weighted_rewards(scores.rewards_nk, scores.weights_k)
+    stats = group_advantages(total_n, num_generations, scale_rewards)
+    metrics = reward_metrics(scores.rewards_nk, scores.names, total_n, stats)
+    metrics.update(completion_metrics(completion_ids, [s.finish_reason for s in samples]))
+    metrics.update(scores.counters)
+    metrics["time/scoring"] = time.perf_counter() - t0
+    prompt_texts = tokenizer.batch_decode(
+        [list(s.prompt_ids) for s in samples[::num_generations]], skip_special_tokens=False
+    )
+    return StepData(
+        step=step,
+        prompt_rows=[int(r) for r in rows],
+        prompt_ids=[list(s.prompt_ids) for s in samples],
+        completion_ids=completion_ids,
+        sampler_logprobs=[list(s.logprobs) for s in samples],
+        finish_reasons=[s.finish_reason for s in samples],
+        weight_versions=[int(s.weight_version) for s in samples],
+        rewards_nk=scores.rewards_nk,
+        reward_names=list(scores.names),
+        rewards_n=total_n,
+        advantages_n=stats.advantages_n,
+        metrics=metrics,
+        texts={
+            "prompts": [p for p in prompt_texts for _ in range(num_generations)],
+            "completions": texts,
+        },
+    )
+
+
+def broadcast_step(data: StepData | None, groups) -> StepData:
+    """Send rank 0's StepData to every rank (texts stay on rank 0)."""
+    if groups.world_size == 1:
+        return data
+    texts = data.texts if data is not None else {}
+    payload = [None if data is None else StepData(**{**data.__dict__, "texts": {}})]
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    dist.broadcast_object_list(payload, src=0, device=device)
+    out = payload[0]
+    if groups.rank == 0:
+        out.texts = texts
+    return out
+
+
+def local_batch(data: StepData, groups, num_generations: int) -> CompletionBatch:
+    """This data-parallel rank's contiguous share of whole groups."""
+    n = len(data.completion_ids)
+    per_rank = n // groups.dp_size
+    if per_rank * groups.dp_size != n or per_rank % num_generations:
+        raise RuntimeError(
+            f"{n} completions do not split into whole groups of "
+            f"{num_generations} over {groups.dp_size} data-parallel ranks"
+        )
+    sl = slice(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank)
+    return CompletionBatch(
+        prompt_ids=data.prompt_ids[sl],
+        completion_ids=data.completion_ids[sl],
+        finish_reasons=data.finish_reasons[sl],
+        advantages_n=data.advantages_n[sl],
+        sampler_logprobs=data.sampler_logprobs[sl],
+        weight_versions=data.weight_versions[sl],
+    )
