@@ -114,11 +114,8 @@ def push_weights(run, *, version: int, direct: bool = False) -> None:
 def after_step(run, step: int, data, metrics: dict) -> None:
     """Logging, completion tables, checkpoints and evaluation after an optimizer step."""
     t = run.recipe.training
-    if run.groups.rank == 0 and (
-        step % _every(t.logging_steps, run.total_steps) == 0
-        or step == run.total_steps
-        or (step == 1 and t.logging_first_step)
-    ):
+    first = step == 1 and t.logging_first_step
+    if run.groups.rank == 0 and (_due(step, t.logging_steps, run.total_steps) or first):
         run.logger.log(step, metrics)
         if t.log_completions:
             from megagrpo.monitoring.completions_table import write_completions_table
@@ -133,9 +130,7 @@ def after_step(run, step: int, data, metrics: dict) -> None:
                 data.advantages_n.tolist(),
                 data.finish_reasons,
             )
-    if t.save_strategy == "steps" and (
-        step % _every(t.save_steps, run.total_steps) == 0 or step == run.total_steps
-    ):
+    if t.save_strategy == "steps" and _due(step, t.save_steps, run.total_steps):
         save_checkpoint(
             t.output_dir,
             TrainerState(step=step, layout=_layout(run), metrics=metrics),
@@ -148,13 +143,14 @@ def after_step(run, step: int, data, metrics: dict) -> None:
             distributed_optimizer=run.recipe.megatron.use_distributed_optimizer
             and torch.cuda.is_available(),
         )
-    if t.eval_strategy == "steps" and (
-        step % _every(t.eval_steps or t.logging_steps, run.total_steps) == 0
-        or step == run.total_steps
-    ):
+    if t.eval_strategy == "steps" and _due(step, t.eval_steps or t.logging_steps, run.total_steps):
         from megagrpo.training.evaluation import evaluate
 
         evaluate(run, step)
+
+
+def _due(step: int, every, total: int) -> bool:
+    return step % _every(every, total) == 0 or step == total
 
 
 def _every(value, total: int) -> int:
