@@ -134,22 +134,30 @@ def _logprobs_bwd_kernel(logits_ptr, stride_row, targets_ptr, vocab_start, n_col
         h = tl.where(dead, 0.0, tl.load(entropy_ptr + row))
     tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
     offs = tl.arange(0, BLOCK)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        in_row = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        u = z - safe_m
-        if SCALE:
-            u = u / temperature
-        logq = u - safe_ls
-        p = tl.exp(logq)
-        gz = tl.where(cols == tgt, g, 0.0) - g * p
-        if HAS_GRAD_ENTROPY:
-            gz -= gh * tl.where(p > 0.0, p * (logq + h), 0.0)
-        if SCALE:
-            gz = gz / temperature
-        tl.store(grad_row_ptr + cols,
-                 cast_for_store(gz, grad_ptr.dtype.element_ty, ROUND_BF16_BY_BITS), mask=in_row)
+    if (g == 0.0) & (gh == 0.0):  # masked tokens of the fused loss, dead rows: skip the read
+        zero = cast_for_store(tl.zeros([BLOCK], dtype=tl.float32), grad_ptr.dtype.element_ty,
+                              ROUND_BF16_BY_BITS)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            tl.store(grad_row_ptr + cols, zero, mask=cols < n_cols)
+    else:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            in_row = cols < n_cols
+            z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32)
+            u = z - safe_m
+            if SCALE:
+                u = u / temperature
+            logq = u - safe_ls
+            p = tl.exp(logq)
+            gz = tl.where(cols == tgt, g, 0.0) - g * p
+            if HAS_GRAD_ENTROPY:
+                gz -= gh * tl.where(p > 0.0, p * (logq + h), 0.0)
+            if SCALE:
+                gz = gz / temperature
+            tl.store(grad_row_ptr + cols,
+                     cast_for_store(gz, grad_ptr.dtype.element_ty, ROUND_BF16_BY_BITS),
+                     mask=in_row)
 
 
 def round_bf16_by_bits(out: torch.Tensor) -> bool:
