@@ -75,9 +75,11 @@ def finalize_row_stats(stats_n5: torch.Tensor, temperature: float):
 def gather_row_stats(stats_n5: torch.Tensor, group) -> torch.Tensor:
     """All-gathers every rank's ``[N, 5]`` statistics into ``[TP, N, 5]`` (one collective)."""
     world = dist.get_world_size(group)
-    out_kn5 = torch.empty((world, *stats_n5.shape), dtype=stats_n5.dtype, device=stats_n5.device)
-    dist.all_gather_into_tensor(out_kn5, stats_n5.contiguous(), group=group)
-    return out_kn5
+    n_rows = stats_n5.shape[0]
+    # Concatenated along dim 0 ([TP * N, 5]): the layout both gloo and NCCL accept.
+    out_m5 = torch.empty((world * n_rows, NUM_STATS), dtype=stats_n5.dtype, device=stats_n5.device)
+    dist.all_gather_into_tensor(out_m5, stats_n5.contiguous(), group=group)
+    return out_m5.view(world, n_rows, NUM_STATS)
 
 
 def default_vocab_start(vocab_local: int, group) -> int:
