@@ -67,12 +67,38 @@ def max_error(x: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor | None = No
     return float(err.max())
 
 
+def fp32_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of ``x`` stored in fp32 (elementwise, as float64)."""
+    a = x.detach().abs().float()
+    return (torch.nextafter(a, torch.full_like(a, torch.inf)) - a).double()
+
+
 def check_error_rule(name: str, kernel: torch.Tensor, baseline: torch.Tensor, ref64: torch.Tensor,
-                     atol: float, keep: torch.Tensor | None = None) -> tuple[float, float]:
-    """Asserts ``err(kernel) <= 2 * err(baseline) + atol`` against ``ref64``; returns both errors."""
+                     atol: float, keep: torch.Tensor | None = None,
+                     slack: torch.Tensor | None = None) -> tuple[float, float]:
+    """Asserts ``|kernel - ref64| <= 2 * err(baseline) + atol (+ slack)`` elementwise.
+
+    ``err(baseline)`` is the max error of the plain PyTorch computation in the same dtype.
+    ``slack`` (elementwise, optional) is the rounding no implementation can avoid when the output
+    is stored in fp32: one fp32 ulp of a log-prob of magnitude 1e4 is ~1e-3, and a loss computed
+    from such a log-prob inherits ``|d loss / d logp|`` times that. Returns both max errors.
+    """
     err_kernel = max_error(kernel, ref64, keep)
     err_base = max_error(baseline, ref64, keep) if baseline is not None else 0.0
-    if not err_kernel <= 2.0 * err_base + atol:
+    bound = 2.0 * err_base + atol
+    if slack is None or err_kernel <= bound:
+        if not err_kernel <= bound:
+            raise AssertionError(f"{name}: kernel error {err_kernel:.3e} > 2 x torch error "
+                                 f"{err_base:.3e} + {atol:.1e}")
+        return err_kernel, err_base
+    x, ref, slack = kernel.detach().double(), ref64.detach().double(), slack.double()
+    if keep is not None:
+        x, ref, slack = x[keep], ref[keep], slack[keep]
+    finite = torch.isfinite(ref)
+    excess = (x[finite] - ref[finite]).abs() - (bound + slack[finite])
+    if bool((excess > 0).any()):
+        i = int(excess.argmax())
         raise AssertionError(f"{name}: kernel error {err_kernel:.3e} > 2 x torch error "
-                             f"{err_base:.3e} + {atol:.1e}")
+                             f"{err_base:.3e} + {atol:.1e} + fp32 rounding slack "
+                             f"{float(slack[finite][i]):.3e} (worst element {i})")
     return err_kernel, err_base

@@ -78,7 +78,9 @@ def gather_row_stats(stats_n5: torch.Tensor, group) -> torch.Tensor:
     n_rows = stats_n5.shape[0]
     # Concatenated along dim 0 ([TP * N, 5]): the layout both gloo and NCCL accept.
     out_m5 = torch.empty((world * n_rows, NUM_STATS), dtype=stats_n5.dtype, device=stats_n5.device)
-    dist.all_gather_into_tensor(out_m5, stats_n5.contiguous(), group=group)
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out_m5, stats_n5.contiguous(), group=group)
     return out_m5.view(world, n_rows, NUM_STATS)
 
 

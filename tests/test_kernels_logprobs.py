@@ -221,3 +221,16 @@ def test_triton_cases_in_fresh_process():
                            "-k", "triton or offsets", __file__], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)
+def test_bf16_gradient_rounds_to_nearest_like_the_reference():
+    """The bf16 gradient is the fp32 gradient rounded to nearest even (as on a GPU), not truncated:
+    it agrees with the torch backend's (which rounds in torch) element for element, up to the odd
+    element whose fp32 value differs in the last bits."""
+    case = special_logits(N_ROWS, 1000, torch.bfloat16, seed=8)
+    g_n, gh_n = torch.randn(N_ROWS), torch.randn(N_ROWS)
+    _, _, grad_triton = _run(case.logits_nv, case.targets_n, 0.7, "triton", g_n, gh_n)
+    _, _, grad_torch = _run(case.logits_nv, case.targets_n, 0.7, "torch", g_n, gh_n)
+    differ = grad_triton != grad_torch
+    assert differ.float().mean() < 0.01, f"{int(differ.sum())} of {differ.numel()} differ"
