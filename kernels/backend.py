@@ -65,19 +65,24 @@ def triton_available() -> bool:
 def check_triton_usable(tensor: torch.Tensor) -> None:
     """Raises a clear error when the Triton kernels cannot run on ``tensor``'s device."""
     if not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed; "
-                           "use backend='torch' (the chunked PyTorch reference)")
+        raise RuntimeError(
+            "backend='triton' needs the triton package, which is not installed; "
+            "use backend='torch' (the chunked PyTorch reference)"
+        )
     if tensor.is_cuda:
         return
     if tensor.device.type != "cpu":
-        raise RuntimeError(f"backend='triton' supports CUDA tensors (and CPU tensors under the "
-                           f"Triton interpreter), got a tensor on {tensor.device}")
+        raise RuntimeError(
+            f"backend='triton' supports CUDA tensors (and CPU tensors under the "
+            f"Triton interpreter), got a tensor on {tensor.device}"
+        )
     if not interpreter_active():
         raise RuntimeError(
             "backend='triton' on CPU tensors runs only under the Triton interpreter: set "
             "TRITON_INTERPRET=1 before anything imports triton (transformers and megatron-core "
             "import it), e.g. call megagrpo_kernels.backend.prefer_interpreter_if_no_cuda() "
-            "first; or use backend='torch'")
+            "first; or use backend='torch'"
+        )
 
 
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:

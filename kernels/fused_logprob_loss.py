@@ -19,8 +19,13 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_backend, triton_module
-from .grpo_loss import GRPOLossOutput, GRPOLossSpec, grpo_loss, metrics_from_partials, \
-    prepare_loss_inputs
+from .grpo_loss import (
+    GRPOLossOutput,
+    GRPOLossSpec,
+    grpo_loss,
+    metrics_from_partials,
+    prepare_loss_inputs,
+)
 from .logprobs import _check_target_range, as_rows, backward_rows, check_logprob_inputs, logprobs
 
 
@@ -28,8 +33,8 @@ class _FusedLogprobLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_nv, targets_n, inputs, spec, temperature, with_entropy, block_size):
         loss_n, logp_n, entropy_n, max_n, lse_n, coef_n, partial_n5 = triton_module(
-            "fused_logprob_loss_triton").fused_forward(logits_nv, targets_n, temperature, inputs,
-                                                       spec, with_entropy, block_size)
+            "fused_logprob_loss_triton"
+        ).fused_forward(logits_nv, targets_n, temperature, inputs, spec, with_entropy, block_size)
         ctx.save_for_backward(logits_nv, targets_n, max_n, lse_n, coef_n)
         ctx.args = (temperature, block_size)
         metrics = metrics_from_partials(partial_n5, inputs, spec)
@@ -41,23 +46,48 @@ class _FusedLogprobLossFunction(torch.autograd.Function):
         logits_nv, targets_n, max_n, lse_n, coef_n = ctx.saved_tensors
         temperature, block_size = ctx.args
         grad_logp_n = grad_loss_n.float() * coef_n
-        grad_nv = backward_rows(logits_nv, targets_n, 0, temperature, max_n, lse_n, grad_logp_n,
-                                None, None, "triton", block_size=block_size)
+        grad_nv = backward_rows(
+            logits_nv,
+            targets_n,
+            0,
+            temperature,
+            max_n,
+            lse_n,
+            grad_logp_n,
+            None,
+            None,
+            "triton",
+            block_size=block_size,
+        )
         return grad_nv, *([None] * 6)
 
 
-def logprob_grpo_loss(logits: torch.Tensor, targets: torch.Tensor,
-                      old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                      advantages: torch.Tensor, mask: torch.Tensor | None = None, *,
-                      temperature: float = 1.0, epsilon_low: float = 0.2,
-                      epsilon_high: float = 0.2, delta: float | None = None, beta: float = 0.0,
-                      sampler_logp: torch.Tensor | None = None, tis_cap: float | None = None,
-                      importance_sampling_level: str = "token",
-                      seq_ids: torch.Tensor | None = None, num_sequences: int | None = None,
-                      tp_group=None, vocab_start_index: int | None = None,
-                      return_entropy: bool = False, backend: str | None = None,
-                      validate: bool = True, chunk_size: int | None = None,
-                      block_size: int | None = None) -> GRPOLossOutput:
+def logprob_grpo_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    beta: float = 0.0,
+    sampler_logp: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    importance_sampling_level: str = "token",
+    seq_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    tp_group=None,
+    vocab_start_index: int | None = None,
+    return_entropy: bool = False,
+    backend: str | None = None,
+    validate: bool = True,
+    chunk_size: int | None = None,
+    block_size: int | None = None,
+) -> GRPOLossOutput:
     """GRPO per-token loss from logits; ``loss`` is differentiable w.r.t. ``logits``.
 
     Arguments as :func:`logprobs.logprobs` (logits side) and :func:`grpo_loss.grpo_loss` (loss
@@ -69,27 +99,65 @@ def logprob_grpo_loss(logits: torch.Tensor, targets: torch.Tensor,
     check_logprob_inputs(logits, targets, temperature, backend)
     fused = backend == "triton" and tp_group is None and importance_sampling_level == "token"
     if not fused:
-        logp, entropy = logprobs(logits, targets, temperature, tp_group, True,
-                                 vocab_start_index, backend=backend, validate=validate,
-                                 chunk_size=chunk_size, block_size=block_size)
-        out = grpo_loss(logp, old_logp, ref_logp, advantages, mask, epsilon_low=epsilon_low,
-                        epsilon_high=epsilon_high, delta=delta, beta=beta,
-                        sampler_logp=sampler_logp, tis_cap=tis_cap,
-                        importance_sampling_level=importance_sampling_level, seq_ids=seq_ids,
-                        num_sequences=num_sequences, backend=backend)
+        logp, entropy = logprobs(
+            logits,
+            targets,
+            temperature,
+            tp_group,
+            True,
+            vocab_start_index,
+            backend=backend,
+            validate=validate,
+            chunk_size=chunk_size,
+            block_size=block_size,
+        )
+        out = grpo_loss(
+            logp,
+            old_logp,
+            ref_logp,
+            advantages,
+            mask,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            delta=delta,
+            beta=beta,
+            sampler_logp=sampler_logp,
+            tis_cap=tis_cap,
+            importance_sampling_level=importance_sampling_level,
+            seq_ids=seq_ids,
+            num_sequences=num_sequences,
+            backend=backend,
+        )
         out.logp = logp.detach()
         out.entropy = entropy.detach() if return_entropy else None
         return out
     if vocab_start_index not in (None, 0):
-        raise ValueError(f"vocab_start_index: must be 0 or None without tp_group, got "
-                         f"{vocab_start_index}")
+        raise ValueError(
+            f"vocab_start_index: must be 0 or None without tp_group, got {vocab_start_index}"
+        )
     shape = targets.shape
-    inputs = prepare_loss_inputs(shape, logits.device, old_logp, ref_logp, advantages, mask,
-                                 sampler_logp, seq_ids, num_sequences, spec, torch.float32)
+    inputs = prepare_loss_inputs(
+        shape,
+        logits.device,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        sampler_logp,
+        seq_ids,
+        num_sequences,
+        spec,
+        torch.float32,
+    )
     logits_nv, targets_n = as_rows(logits, targets)
     if validate:
         _check_target_range(targets_n, logits_nv.shape[1])
     loss_n, logp_n, entropy_n, *metrics = _FusedLogprobLossFunction.apply(
-        logits_nv, targets_n, inputs, spec, float(temperature), bool(return_entropy), block_size)
-    return GRPOLossOutput(loss_n.reshape(shape), *metrics, logp=logp_n.reshape(shape),
-                          entropy=None if entropy_n is None else entropy_n.reshape(shape))
+        logits_nv, targets_n, inputs, spec, float(temperature), bool(return_entropy), block_size
+    )
+    return GRPOLossOutput(
+        loss_n.reshape(shape),
+        *metrics,
+        logp=logp_n.reshape(shape),
+        entropy=None if entropy_n is None else entropy_n.reshape(shape),
+    )

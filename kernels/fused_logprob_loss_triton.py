@@ -20,13 +20,39 @@ from .logprobs_triton import finalize_row, launch_config, load_target, row_softm
 
 
 @triton.jit
-def _fused_fwd_kernel(logits_ptr, stride_row, targets_ptr, n_cols, temperature,
-                      old_ptr, ref_ptr, adv_ptr, valid_ptr, sampler_ptr,
-                      loss_ptr, logp_ptr, entropy_ptr, max_ptr, lse_ptr, coef_ptr, partial_ptr,
-                      eps_low, eps_high, delta, beta, tis_cap,
-                      BLOCK: tl.constexpr, SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                      HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_BETA: tl.constexpr,
-                      HAS_SAMPLER: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_CAP: tl.constexpr):
+def _fused_fwd_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    n_cols,
+    temperature,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    valid_ptr,
+    sampler_ptr,
+    loss_ptr,
+    logp_ptr,
+    entropy_ptr,
+    max_ptr,
+    lse_ptr,
+    coef_ptr,
+    partial_ptr,
+    eps_low,
+    eps_high,
+    delta,
+    beta,
+    tis_cap,
+    BLOCK: tl.constexpr,
+    SCALE: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    HAS_SAMPLER: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     m, s, w = row_softmax_stats(row_ptr, n_cols, temperature, BLOCK, SCALE, WITH_ENTROPY)
@@ -51,8 +77,9 @@ def _fused_fwd_kernel(logits_ptr, stride_row, targets_ptr, n_cols, temperature,
     if HAS_SAMPLER:
         sampler = tl.load(sampler_ptr + row)
     tis = tis_weight(old, sampler, valid, tis_cap, HAS_SAMPLER, HAS_CAP)
-    loss, dlogw, dkl, low, high, kl = token_loss(lp - old, lp, ref, adv, tis, eps_low, eps_high,
-                                                 delta, beta, HAS_DELTA, HAS_REF, HAS_BETA)
+    loss, dlogw, dkl, low, high, kl = token_loss(
+        lp - old, lp, ref, adv, tis, eps_low, eps_high, delta, beta, HAS_DELTA, HAS_REF, HAS_BETA
+    )
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(coef_ptr + row, tl.where(valid, dlogw + dkl, 0.0))
     valid_f = valid.to(tl.float32)
@@ -64,8 +91,15 @@ def _fused_fwd_kernel(logits_ptr, stride_row, targets_ptr, n_cols, temperature,
     tl.store(base + 4, valid_f)
 
 
-def fused_forward(logits_nv: torch.Tensor, targets_n: torch.Tensor, temperature: float, inputs,
-                  spec, with_entropy: bool, block_size: int | None = None):
+def fused_forward(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    temperature: float,
+    inputs,
+    spec,
+    with_entropy: bool,
+    block_size: int | None = None,
+):
     """``(loss_n, logp_n, entropy_n | None, max_n, lse_n, coef_n, partial_n5)``."""
     n_rows, n_cols = logits_nv.shape
     assert logits_nv.stride(1) == 1, "logits must be contiguous along the vocab"
@@ -77,16 +111,37 @@ def fused_forward(logits_nv: torch.Tensor, targets_n: torch.Tensor, temperature:
     has_beta = inputs.ref_n is not None and spec.beta != 0.0
     if n_rows > 0:
         _fused_fwd_kernel[(n_rows,)](
-            logits_nv, logits_nv.stride(0), targets_n, n_cols, float(temperature),
-            inputs.old_n, inputs.ref_n, inputs.adv_n, inputs.valid_n.to(torch.uint8),
+            logits_nv,
+            logits_nv.stride(0),
+            targets_n,
+            n_cols,
+            float(temperature),
+            inputs.old_n,
+            inputs.ref_n,
+            inputs.adv_n,
+            inputs.valid_n.to(torch.uint8),
             inputs.sampler_n,
-            loss_n, logp_n, entropy_n, max_n, lse_n, coef_n, partial_n5,
-            float(spec.epsilon_low), float(spec.epsilon_high),
-            float(spec.delta if spec.delta is not None else 0.0), float(spec.beta),
+            loss_n,
+            logp_n,
+            entropy_n,
+            max_n,
+            lse_n,
+            coef_n,
+            partial_n5,
+            float(spec.epsilon_low),
+            float(spec.epsilon_high),
+            float(spec.delta if spec.delta is not None else 0.0),
+            float(spec.beta),
             float(spec.tis_cap if spec.tis_cap is not None else 0.0),
-            BLOCK=block, SCALE=temperature != 1.0, WITH_ENTROPY=with_entropy,
-            HAS_OLD=inputs.old_n is not None, HAS_REF=inputs.ref_n is not None,
-            HAS_BETA=has_beta, HAS_SAMPLER=inputs.sampler_n is not None,
-            HAS_DELTA=spec.delta is not None, HAS_CAP=spec.tis_cap is not None,
-            num_warps=warps)
+            BLOCK=block,
+            SCALE=temperature != 1.0,
+            WITH_ENTROPY=with_entropy,
+            HAS_OLD=inputs.old_n is not None,
+            HAS_REF=inputs.ref_n is not None,
+            HAS_BETA=has_beta,
+            HAS_SAMPLER=inputs.sampler_n is not None,
+            HAS_DELTA=spec.delta is not None,
+            HAS_CAP=spec.tis_cap is not None,
+            num_warps=warps,
+        )
     return loss_n, logp_n, entropy_n, max_n, lse_n, coef_n, partial_n5

@@ -65,8 +65,10 @@ class GRPOLossSpec:
         if self.tis_cap is not None and not self.tis_cap > 0.0:
             raise ValueError(f"tis_cap: expected None or a number > 0, got {self.tis_cap!r}")
         if self.importance_sampling_level not in LEVELS:
-            raise ValueError(f"importance_sampling_level: expected one of {LEVELS}, got "
-                             f"{self.importance_sampling_level!r}")
+            raise ValueError(
+                f"importance_sampling_level: expected one of {LEVELS}, got "
+                f"{self.importance_sampling_level!r}"
+            )
 
 
 @dataclass
@@ -74,7 +76,8 @@ class GRPOLossOutput:
     """Per-token loss and the metrics computed in the same pass (metrics are detached 0-dim)."""
 
     loss: torch.Tensor
-    """Per-token loss, shape of ``logp``, zero on masked tokens; backward gives d/d logp."""
+    """Per-token loss, shape of ``logp``, fp32 (fp64 for fp64 on the torch backend), zero on
+    masked tokens; its backward gives d loss / d logp (in logp's dtype)."""
     clip_low: torch.Tensor
     clip_high: torch.Tensor
     clip_region: torch.Tensor
@@ -101,10 +104,13 @@ class LossInputs:
 
 def _same_shape(name: str, x, shape, device) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor of shape {tuple(shape)}, got {type(x).__name__}")
+        raise TypeError(
+            f"{name}: expected a tensor of shape {tuple(shape)}, got {type(x).__name__}"
+        )
     if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} (the log-probs' shape), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(shape)} (the log-probs' shape), got {tuple(x.shape)}"
+        )
     if x.device != device:
         raise ValueError(f"{name}: expected device {device}, got {x.device}")
 
@@ -127,9 +133,11 @@ def _advantages(advantages, shape, device, dtype):
     try:
         adv = torch.broadcast_to(adv, shape)
     except RuntimeError:
-        raise ValueError(f"advantages: shape {tuple(advantages.shape)} does not broadcast to the "
-                         f"log-probs' shape {tuple(shape)} (expected {tuple(shape)} or "
-                         f"{tuple(shape[:1])})") from None
+        raise ValueError(
+            f"advantages: shape {tuple(advantages.shape)} does not broadcast to the "
+            f"log-probs' shape {tuple(shape)} (expected {tuple(shape)} or "
+            f"{tuple(shape[:1])})"
+        ) from None
     return _float_input("advantages", adv, shape, device, dtype)
 
 
@@ -138,9 +146,11 @@ def _sequence_ids(seq_ids, num_sequences, shape, device, level):
         return None, 0
     if seq_ids is None:
         if len(shape) != 2:
-            raise ValueError(f"seq_ids: importance_sampling_level={level!r} needs seq_ids for "
-                             f"log-probs of shape {tuple(shape)} (only [B, T] rows are sequences "
-                             f"by default)")
+            raise ValueError(
+                f"seq_ids: importance_sampling_level={level!r} needs seq_ids for "
+                f"log-probs of shape {tuple(shape)} (only [B, T] rows are sequences "
+                f"by default)"
+            )
         seq_ids = torch.arange(shape[0], device=device)[:, None].expand(shape)
         num_sequences = shape[0] if num_sequences is None else num_sequences
     _same_shape("seq_ids", seq_ids, shape, device)
@@ -150,13 +160,26 @@ def _sequence_ids(seq_ids, num_sequences, shape, device, level):
     if num_sequences is None:
         num_sequences = int(seq_n.max()) + 1 if seq_n.numel() else 0
     if seq_n.numel() and (int(seq_n.min()) < 0 or int(seq_n.max()) >= num_sequences):
-        raise ValueError(f"seq_ids: expected ids in [0, {num_sequences}), got "
-                         f"[{int(seq_n.min())}, {int(seq_n.max())}]")
+        raise ValueError(
+            f"seq_ids: expected ids in [0, {num_sequences}), got "
+            f"[{int(seq_n.min())}, {int(seq_n.max())}]"
+        )
     return seq_n, int(num_sequences)
 
 
-def prepare_loss_inputs(shape, device, old_logp, ref_logp, advantages, mask, sampler_logp,
-                        seq_ids, num_sequences, spec: GRPOLossSpec, dtype) -> LossInputs:
+def prepare_loss_inputs(
+    shape,
+    device,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    sampler_logp,
+    seq_ids,
+    num_sequences,
+    spec: GRPOLossSpec,
+    dtype,
+) -> LossInputs:
     """Validates the loss inputs against the log-probs' ``shape``; flattens them to ``[N]``."""
     shape = torch.Size(shape)
     if spec.beta != 0.0 and ref_logp is None:
@@ -166,14 +189,18 @@ def prepare_loss_inputs(shape, device, old_logp, ref_logp, advantages, mask, sam
     else:
         _same_shape("mask", mask, shape, device)
         valid_n = (mask.detach() != 0).reshape(-1).contiguous()
-    seq_n, n_seq = _sequence_ids(seq_ids, num_sequences, shape, device,
-                                 spec.importance_sampling_level)
+    seq_n, n_seq = _sequence_ids(
+        seq_ids, num_sequences, shape, device, spec.importance_sampling_level
+    )
     return LossInputs(
         old_n=_float_input("old_logp", old_logp, shape, device, dtype),
         ref_n=_float_input("ref_logp", ref_logp, shape, device, dtype),
-        adv_n=_advantages(advantages, shape, device, dtype), valid_n=valid_n,
+        adv_n=_advantages(advantages, shape, device, dtype),
+        valid_n=valid_n,
         sampler_n=_float_input("sampler_logp", sampler_logp, shape, device, dtype),
-        seq_n=seq_n, num_sequences=n_seq)
+        seq_n=seq_n,
+        num_sequences=n_seq,
+    )
 
 
 def metrics_from_partials(partial_p5: torch.Tensor, inputs: LossInputs, spec: GRPOLossSpec):
@@ -193,8 +220,9 @@ def sequence_weights(lp_n, inputs: LossInputs):
     zeros_n = torch.zeros_like(lp_n)
     lp_n = torch.where(inputs.valid_n, lp_n, zeros_n)
     old_n = lp_n if inputs.old_n is None else torch.where(inputs.valid_n, inputs.old_n, zeros_n)
-    return reference.sequence_log_weights(lp_n - old_n, inputs.valid_n, inputs.seq_n,
-                                          inputs.num_sequences)
+    return reference.sequence_log_weights(
+        lp_n - old_n, inputs.valid_n, inputs.seq_n, inputs.num_sequences
+    )
 
 
 class _GRPOLossFunction(torch.autograd.Function):
@@ -207,13 +235,22 @@ class _GRPOLossFunction(torch.autograd.Function):
         if inputs.seq_n is not None:
             seq_logw_s, seq_count_s = sequence_weights(lp_n, inputs)
         loss_n, dlogw_n, dkl_n, partial_p5 = triton_module("grpo_loss_triton").grpo_loss_forward(
-            lp_n, inputs.old_n, inputs.ref_n, inputs.adv_n, inputs.valid_n.to(torch.uint8),
-            inputs.sampler_n, inputs.seq_n, seq_logw_s, seq_count_s, spec)
+            lp_n,
+            inputs.old_n,
+            inputs.ref_n,
+            inputs.adv_n,
+            inputs.valid_n.to(torch.uint8),
+            inputs.sampler_n,
+            inputs.seq_n,
+            seq_logw_s,
+            seq_count_s,
+            spec,
+        )
         ctx.save_for_backward(dlogw_n, dkl_n, seq_count_s)
         ctx.inputs, ctx.spec, ctx.logp_dtype = inputs, spec, logp_n.dtype
         metrics = metrics_from_partials(partial_p5, inputs, spec)
         ctx.mark_non_differentiable(*[m for m in metrics if m is not None])
-        return loss_n.to(logp_n.dtype), *metrics
+        return loss_n, *metrics
 
     @staticmethod
     def backward(ctx, grad_loss_n, *_):
@@ -222,8 +259,9 @@ class _GRPOLossFunction(torch.autograd.Function):
         grad_loss_n = grad_loss_n.float()
         if spec.importance_sampling_level == "sequence":
             # d logw_s / d logp_u = valid_u / count_s: gather the sequence's sum back to tokens.
-            per_seq_s = torch.zeros_like(seq_count_s).index_add(0, inputs.seq_n,
-                                                                grad_loss_n * dlogw_n)
+            per_seq_s = torch.zeros_like(seq_count_s).index_add(
+                0, inputs.seq_n, grad_loss_n * dlogw_n
+            )
             scale_n = inputs.valid_n.float() / seq_count_s.clamp(min=1.0)[inputs.seq_n]
             grad_n = per_seq_s[inputs.seq_n] * scale_n
         else:
@@ -233,13 +271,24 @@ class _GRPOLossFunction(torch.autograd.Function):
         return grad_n.to(ctx.logp_dtype), None, None
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-              advantages: torch.Tensor, mask: torch.Tensor | None = None, *,
-              epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float | None = None,
-              beta: float = 0.0, sampler_logp: torch.Tensor | None = None,
-              tis_cap: float | None = None, importance_sampling_level: str = "token",
-              seq_ids: torch.Tensor | None = None, num_sequences: int | None = None,
-              backend: str | None = None) -> GRPOLossOutput:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    beta: float = 0.0,
+    sampler_logp: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    importance_sampling_level: str = "token",
+    seq_ids: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    backend: str | None = None,
+) -> GRPOLossOutput:
     """GRPO per-token loss and metrics (see the module docstring for the formulas).
 
     Args:
@@ -259,18 +308,38 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch
     """
     spec = GRPOLossSpec(epsilon_low, epsilon_high, delta, beta, tis_cap, importance_sampling_level)
     if not isinstance(logp, torch.Tensor) or not logp.dtype.is_floating_point:
-        raise TypeError(f"logp: expected a floating-point tensor, got "
-                        f"{getattr(logp, 'dtype', type(logp).__name__)}")
+        raise TypeError(
+            f"logp: expected a floating-point tensor, got "
+            f"{getattr(logp, 'dtype', type(logp).__name__)}"
+        )
     backend = resolve_backend(backend, logp)
     dtype = torch.float64 if backend == "torch" and logp.dtype == torch.float64 else torch.float32
-    inputs = prepare_loss_inputs(logp.shape, logp.device, old_logp, ref_logp, advantages, mask,
-                                 sampler_logp, seq_ids, num_sequences, spec, dtype)
+    inputs = prepare_loss_inputs(
+        logp.shape,
+        logp.device,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask,
+        sampler_logp,
+        seq_ids,
+        num_sequences,
+        spec,
+        dtype,
+    )
     logp_n = logp.reshape(-1)
     if backend == "triton":
         loss_n, *metrics = _GRPOLossFunction.apply(logp_n, inputs, spec)
     else:
         loss_n, metrics = reference.grpo_loss_reference(
-            logp_n.to(dtype), inputs.old_n, inputs.ref_n, inputs.adv_n, inputs.valid_n, spec,
-            inputs.sampler_n, inputs.seq_n, inputs.num_sequences)
-        loss_n = loss_n.to(logp.dtype) if logp.dtype != dtype else loss_n
+            logp_n.to(dtype),
+            inputs.old_n,
+            inputs.ref_n,
+            inputs.adv_n,
+            inputs.valid_n,
+            spec,
+            inputs.sampler_n,
+            inputs.seq_n,
+            inputs.num_sequences,
+        )
     return GRPOLossOutput(loss_n.reshape(logp.shape), *metrics)

@@ -20,8 +20,20 @@ NUM_PARTIALS = 5  # clipped low, clipped high, clipped region, KL, valid tokens
 
 
 @triton.jit
-def token_loss(logw, lp, ref, adv, tis, eps_low, eps_high, delta, beta,
-               HAS_DELTA: tl.constexpr, HAS_REF: tl.constexpr, HAS_BETA: tl.constexpr):
+def token_loss(
+    logw,
+    lp,
+    ref,
+    adv,
+    tis,
+    eps_low,
+    eps_high,
+    delta,
+    beta,
+    HAS_DELTA: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+):
     """Loss of one token and its pieces: ``(loss, dloss_dlogw, beta_dkl_dlogp, low, high, kl)``.
 
     ``ratio = exp(logw)``; ``coef1`` is the ratio capped at ``delta``, ``coef2`` the ratio clipped
@@ -59,7 +71,7 @@ def token_loss(logw, lp, ref, adv, tis, eps_low, eps_high, delta, beta,
 
 @triton.jit
 def tis_weight(old, sampler, valid, tis_cap, HAS_SAMPLER: tl.constexpr, HAS_CAP: tl.constexpr):
-    """Truncated importance weight ``min(exp(old - sampler), cap)`` (1 without sampler log-probs)."""
+    """Truncated importance weight ``min(exp(old - sampler), cap)``; 1 without a sampler."""
     w = tl.full(old.shape, 1.0, tl.float32)
     if HAS_SAMPLER:
         w = tl.exp(old - tl.where(valid, sampler, 0.0))
@@ -69,13 +81,35 @@ def tis_weight(old, sampler, valid, tis_cap, HAS_SAMPLER: tl.constexpr, HAS_CAP:
 
 
 @triton.jit
-def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, valid_ptr, sampler_ptr,
-                          seq_ptr, seq_logw_ptr, seq_count_ptr,
-                          loss_ptr, dlogw_ptr, dkl_ptr, partial_ptr, n_tokens,
-                          eps_low, eps_high, delta, beta, tis_cap,
-                          BLOCK: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
-                          HAS_BETA: tl.constexpr, HAS_SAMPLER: tl.constexpr,
-                          HAS_DELTA: tl.constexpr, HAS_CAP: tl.constexpr, IS_SEQ: tl.constexpr):
+def _grpo_loss_fwd_kernel(
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    valid_ptr,
+    sampler_ptr,
+    seq_ptr,
+    seq_logw_ptr,
+    seq_count_ptr,
+    loss_ptr,
+    dlogw_ptr,
+    dkl_ptr,
+    partial_ptr,
+    n_tokens,
+    eps_low,
+    eps_high,
+    delta,
+    beta,
+    tis_cap,
+    BLOCK: tl.constexpr,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    HAS_SAMPLER: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    IS_SEQ: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < n_tokens
@@ -100,8 +134,9 @@ def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, valid_ptr, sample
         logw = lp - old
         metric_w = valid.to(tl.float32)
     tis = tis_weight(old, sampler, valid, tis_cap, HAS_SAMPLER, HAS_CAP)
-    loss, dlogw, dkl, low, high, kl = token_loss(logw, lp, ref, adv, tis, eps_low, eps_high,
-                                                 delta, beta, HAS_DELTA, HAS_REF, HAS_BETA)
+    loss, dlogw, dkl, low, high, kl = token_loss(
+        logw, lp, ref, adv, tis, eps_low, eps_high, delta, beta, HAS_DELTA, HAS_REF, HAS_BETA
+    )
     tl.store(loss_ptr + offs, tl.where(valid, loss, 0.0), mask=in_range)
     tl.store(dlogw_ptr + offs, tl.where(valid, dlogw, 0.0), mask=in_range)
     if HAS_BETA:
@@ -114,8 +149,9 @@ def _grpo_loss_fwd_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, valid_ptr, sample
     tl.store(base + 4, tl.sum(valid.to(tl.float32), axis=0))
 
 
-def grpo_loss_forward(logp_n, old_n, ref_n, adv_n, valid_n, sampler_n, seq_n, seq_logw_s,
-                      seq_count_s, spec):
+def grpo_loss_forward(
+    logp_n, old_n, ref_n, adv_n, valid_n, sampler_n, seq_n, seq_logw_s, seq_count_s, spec
+):
     """``(loss_n, dloss_dlogw_n, beta_dkl_dlogp_n | None, partial_p5)``; inputs fp32 contiguous,
     ``valid_n`` uint8, ``seq_n`` int64 (sequence levels only)."""
     n_tokens = logp_n.numel()
@@ -127,13 +163,32 @@ def grpo_loss_forward(logp_n, old_n, ref_n, adv_n, valid_n, sampler_n, seq_n, se
     partial_p5 = torch.zeros((n_programs, NUM_PARTIALS), dtype=torch.float32, device=logp_n.device)
     if n_tokens > 0:
         _grpo_loss_fwd_kernel[(n_programs,)](
-            logp_n, old_n, ref_n, adv_n, valid_n, sampler_n, seq_n, seq_logw_s, seq_count_s,
-            loss_n, dlogw_n, dkl_n, partial_p5, n_tokens,
-            float(spec.epsilon_low), float(spec.epsilon_high),
-            float(spec.delta if spec.delta is not None else 0.0), float(spec.beta),
+            logp_n,
+            old_n,
+            ref_n,
+            adv_n,
+            valid_n,
+            sampler_n,
+            seq_n,
+            seq_logw_s,
+            seq_count_s,
+            loss_n,
+            dlogw_n,
+            dkl_n,
+            partial_p5,
+            n_tokens,
+            float(spec.epsilon_low),
+            float(spec.epsilon_high),
+            float(spec.delta if spec.delta is not None else 0.0),
+            float(spec.beta),
             float(spec.tis_cap if spec.tis_cap is not None else 0.0),
-            BLOCK=BLOCK_TOKENS, HAS_OLD=old_n is not None, HAS_REF=ref_n is not None,
-            HAS_BETA=has_beta, HAS_SAMPLER=sampler_n is not None,
-            HAS_DELTA=spec.delta is not None, HAS_CAP=spec.tis_cap is not None,
-            IS_SEQ=seq_n is not None)
+            BLOCK=BLOCK_TOKENS,
+            HAS_OLD=old_n is not None,
+            HAS_REF=ref_n is not None,
+            HAS_BETA=has_beta,
+            HAS_SAMPLER=sampler_n is not None,
+            HAS_DELTA=spec.delta is not None,
+            HAS_CAP=spec.tis_cap is not None,
+            IS_SEQ=seq_n is not None,
+        )
     return loss_n, dlogw_n, dkl_n, partial_p5

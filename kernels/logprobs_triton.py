@@ -22,8 +22,14 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
-def row_softmax_stats(row_ptr, n_cols, temperature, BLOCK: tl.constexpr, SCALE: tl.constexpr,
-                      WITH_ENTROPY: tl.constexpr):
+def row_softmax_stats(
+    row_ptr,
+    n_cols,
+    temperature,
+    BLOCK: tl.constexpr,
+    SCALE: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+):
     """Raw max ``M``, ``S = sum exp((z-M)/T)`` and ``W = sum exp(u) u`` of one row, in fp32."""
     offs = tl.arange(0, BLOCK)
     m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
@@ -65,7 +71,7 @@ def cast_for_store(x, OUT_DTYPE: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr)
 
 @triton.jit
 def finalize_row(m, s, w, z_target, owner, temperature, SCALE: tl.constexpr):
-    """``(logp, entropy, log S)`` of a row from its merged statistics (conventions in vocab_parallel)."""
+    """``(logp, entropy, log S)`` of a row from its statistics (conventions: vocab_parallel)."""
     live = s > 0.0
     log_s = tl.where(live, tl.log(tl.where(live, s, 1.0)), float("-inf"))
     d = z_target - tl.where(live, m, 0.0)
@@ -87,10 +93,23 @@ def load_target(row_ptr, targets_ptr, row, vocab_start, n_cols):
 
 
 @triton.jit
-def _logprobs_fwd_kernel(logits_ptr, stride_row, targets_ptr, vocab_start, n_cols, temperature,
-                         logp_ptr, entropy_ptr, max_ptr, lse_ptr, stats_ptr,
-                         BLOCK: tl.constexpr, SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                         FINALIZE: tl.constexpr):
+def _logprobs_fwd_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    vocab_start,
+    n_cols,
+    temperature,
+    logp_ptr,
+    entropy_ptr,
+    max_ptr,
+    lse_ptr,
+    stats_ptr,
+    BLOCK: tl.constexpr,
+    SCALE: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    FINALIZE: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     m, s, w = row_softmax_stats(row_ptr, n_cols, temperature, BLOCK, SCALE, WITH_ENTROPY)
@@ -112,11 +131,26 @@ def _logprobs_fwd_kernel(logits_ptr, stride_row, targets_ptr, vocab_start, n_col
 
 
 @triton.jit
-def _logprobs_bwd_kernel(logits_ptr, stride_row, targets_ptr, vocab_start, n_cols, temperature,
-                         max_ptr, lse_ptr, grad_logp_ptr, entropy_ptr, grad_entropy_ptr,
-                         grad_ptr, grad_stride_row,
-                         BLOCK: tl.constexpr, SCALE: tl.constexpr, HAS_GRAD_LOGP: tl.constexpr,
-                         HAS_GRAD_ENTROPY: tl.constexpr, ROUND_BF16_BY_BITS: tl.constexpr):
+def _logprobs_bwd_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    vocab_start,
+    n_cols,
+    temperature,
+    max_ptr,
+    lse_ptr,
+    grad_logp_ptr,
+    entropy_ptr,
+    grad_entropy_ptr,
+    grad_ptr,
+    grad_stride_row,
+    BLOCK: tl.constexpr,
+    SCALE: tl.constexpr,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    ROUND_BF16_BY_BITS: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     grad_row_ptr = grad_ptr + row * grad_stride_row
@@ -135,8 +169,9 @@ def _logprobs_bwd_kernel(logits_ptr, stride_row, targets_ptr, vocab_start, n_col
     tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
     offs = tl.arange(0, BLOCK)
     if (g == 0.0) & (gh == 0.0):  # masked tokens of the fused loss, dead rows: skip the read
-        zero = cast_for_store(tl.zeros([BLOCK], dtype=tl.float32), grad_ptr.dtype.element_ty,
-                              ROUND_BF16_BY_BITS)
+        zero = cast_for_store(
+            tl.zeros([BLOCK], dtype=tl.float32), grad_ptr.dtype.element_ty, ROUND_BF16_BY_BITS
+        )
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             tl.store(grad_row_ptr + cols, zero, mask=cols < n_cols)
@@ -155,9 +190,11 @@ def _logprobs_bwd_kernel(logits_ptr, stride_row, targets_ptr, vocab_start, n_col
                 gz -= gh * tl.where(p > 0.0, p * (logq + h), 0.0)
             if SCALE:
                 gz = gz / temperature
-            tl.store(grad_row_ptr + cols,
-                     cast_for_store(gz, grad_ptr.dtype.element_ty, ROUND_BF16_BY_BITS),
-                     mask=in_row)
+            tl.store(
+                grad_row_ptr + cols,
+                cast_for_store(gz, grad_ptr.dtype.element_ty, ROUND_BF16_BY_BITS),
+                mask=in_row,
+            )
 
 
 def round_bf16_by_bits(out: torch.Tensor) -> bool:
@@ -173,10 +210,16 @@ def launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
     return block, (8 if block >= 4096 else 4)
 
 
-def logprobs_forward(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_start: int,
-                     temperature: float, with_entropy: bool, finalize: bool,
-                     block_size: int | None = None):
-    """``finalize``: ``(logp_n, entropy_n | None, max_n, lse_n)``; else the ``[N, 5]`` statistics."""
+def logprobs_forward(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    vocab_start: int,
+    temperature: float,
+    with_entropy: bool,
+    finalize: bool,
+    block_size: int | None = None,
+):
+    """``finalize``: ``(logp_n, entropy_n | None, max_n, lse_n)``; else ``[N, 5]`` statistics."""
     n_rows, n_cols = logits_nv.shape
     assert logits_nv.stride(1) == 1, "logits must be contiguous along the vocab"
     block, warps = launch_config(n_cols, block_size)
@@ -188,33 +231,71 @@ def logprobs_forward(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_sta
     stats_n5 = None if finalize else torch.empty((n_rows, NUM_STATS), **f32)
     if n_rows > 0:
         _logprobs_fwd_kernel[(n_rows,)](
-            logits_nv, logits_nv.stride(0), targets_n, vocab_start, n_cols, float(temperature),
-            logp_n, entropy_n, max_n, lse_n, stats_n5,
-            BLOCK=block, SCALE=temperature != 1.0, WITH_ENTROPY=with_entropy, FINALIZE=finalize,
-            num_warps=warps)
+            logits_nv,
+            logits_nv.stride(0),
+            targets_n,
+            vocab_start,
+            n_cols,
+            float(temperature),
+            logp_n,
+            entropy_n,
+            max_n,
+            lse_n,
+            stats_n5,
+            BLOCK=block,
+            SCALE=temperature != 1.0,
+            WITH_ENTROPY=with_entropy,
+            FINALIZE=finalize,
+            num_warps=warps,
+        )
     if finalize:
         return logp_n, entropy_n, max_n, lse_n
     return stats_n5
 
 
-def logprobs_backward(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_start: int,
-                      temperature: float, max_n: torch.Tensor, lse_n: torch.Tensor,
-                      grad_logp_n: torch.Tensor | None, entropy_n: torch.Tensor | None = None,
-                      grad_entropy_n: torch.Tensor | None = None, block_size: int | None = None,
-                      grad_out: torch.Tensor | None = None) -> torch.Tensor:
+def logprobs_backward(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    vocab_start: int,
+    temperature: float,
+    max_n: torch.Tensor,
+    lse_n: torch.Tensor,
+    grad_logp_n: torch.Tensor | None,
+    entropy_n: torch.Tensor | None = None,
+    grad_entropy_n: torch.Tensor | None = None,
+    block_size: int | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``grad_logits`` in the logits' dtype (into ``grad_out`` when given, any row stride)."""
     n_rows, n_cols = logits_nv.shape
     block, warps = launch_config(n_cols, block_size)
-    grad_nv = torch.empty_like(logits_nv, memory_format=torch.contiguous_format) \
-        if grad_out is None else grad_out
+    grad_nv = (
+        torch.empty_like(logits_nv, memory_format=torch.contiguous_format)
+        if grad_out is None
+        else grad_out
+    )
     assert grad_nv.shape == logits_nv.shape and grad_nv.stride(1) == 1
     f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
     if n_rows > 0:
         _logprobs_bwd_kernel[(n_rows,)](
-            logits_nv, logits_nv.stride(0), targets_n, vocab_start, n_cols, float(temperature),
-            f32(max_n), f32(lse_n), f32(grad_logp_n), f32(entropy_n), f32(grad_entropy_n),
-            grad_nv, grad_nv.stride(0),
-            BLOCK=block, SCALE=temperature != 1.0, HAS_GRAD_LOGP=grad_logp_n is not None,
+            logits_nv,
+            logits_nv.stride(0),
+            targets_n,
+            vocab_start,
+            n_cols,
+            float(temperature),
+            f32(max_n),
+            f32(lse_n),
+            f32(grad_logp_n),
+            f32(entropy_n),
+            f32(grad_entropy_n),
+            grad_nv,
+            grad_nv.stride(0),
+            BLOCK=block,
+            SCALE=temperature != 1.0,
+            HAS_GRAD_LOGP=grad_logp_n is not None,
             HAS_GRAD_ENTROPY=grad_entropy_n is not None,
-            ROUND_BF16_BY_BITS=round_bf16_by_bits(grad_nv), num_warps=warps)
+            ROUND_BF16_BY_BITS=round_bf16_by_bits(grad_nv),
+            num_warps=warps,
+        )
     return grad_nv

@@ -40,8 +40,9 @@ def chunk_columns(n_rows: int, vocab: int, chunk_size: int | None = None) -> int
     return max(1, min(vocab, max(256, CHUNK_ELEMENTS // max(n_rows, 1))))
 
 
-def _scaled_shifted(logits_nc: torch.Tensor, max_n: torch.Tensor, temperature: float,
-                    dtype: torch.dtype) -> torch.Tensor:
+def _scaled_shifted(
+    logits_nc: torch.Tensor, max_n: torch.Tensor, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
     """``(z - M) / T`` in ``dtype`` as a fresh tensor (never a view of the logits)."""
     u_nc = logits_nc.to(dtype, copy=True)
     u_nc.sub_(max_n[:, None])
@@ -50,8 +51,13 @@ def _scaled_shifted(logits_nc: torch.Tensor, max_n: torch.Tensor, temperature: f
     return u_nc
 
 
-def local_row_stats(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_start: int,
-                    temperature: float, chunk_size: int | None = None) -> torch.Tensor:
+def local_row_stats(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    vocab_start: int,
+    temperature: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """This shard's per-row statistics ``[N, 5]`` (see :mod:`vocab_parallel`), chunk by chunk."""
     n_rows, vocab = logits_nv.shape
     dtype = compute_dtype(logits_nv.dtype)
@@ -61,7 +67,7 @@ def local_row_stats(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_star
     stats_kn5[..., MAX] = -torch.inf
     floor = torch.finfo(dtype).min
     for k, c0 in enumerate(range(0, vocab, cols)):
-        chunk_nc = logits_nv[:, c0:c0 + cols]
+        chunk_nc = logits_nv[:, c0 : c0 + cols]
         m_n = chunk_nc.amax(dim=-1).to(dtype)
         safe_m_n = torch.where(torch.isneginf(m_n), torch.zeros_like(m_n), m_n)
         u_nc = _scaled_shifted(chunk_nc, safe_m_n, temperature, dtype)
@@ -82,11 +88,18 @@ def local_row_stats(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_star
     return stats_n5
 
 
-def logprobs_backward(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_start: int,
-                      temperature: float, max_n: torch.Tensor, logsumexp_n: torch.Tensor,
-                      grad_logp_n: torch.Tensor | None, entropy_n: torch.Tensor | None = None,
-                      grad_entropy_n: torch.Tensor | None = None,
-                      chunk_size: int | None = None) -> torch.Tensor:
+def logprobs_backward(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    vocab_start: int,
+    temperature: float,
+    max_n: torch.Tensor,
+    logsumexp_n: torch.Tensor,
+    grad_logp_n: torch.Tensor | None,
+    entropy_n: torch.Tensor | None = None,
+    grad_entropy_n: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """``grad_logits [N, V]`` (logits' dtype) from the saved row max and log-sum-exp, chunked.
 
     ``d logp / d z_j = (1[j = target] - p_j) / T`` and
@@ -108,7 +121,7 @@ def logprobs_backward(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_st
     cols = chunk_columns(n_rows, vocab, chunk_size)
     floor = torch.finfo(dtype).min
     for c0 in range(0, vocab, cols):
-        logq_nc = _scaled_shifted(logits_nv[:, c0:c0 + cols], safe_m_n, temperature, dtype)
+        logq_nc = _scaled_shifted(logits_nv[:, c0 : c0 + cols], safe_m_n, temperature, dtype)
         logq_nc.sub_(safe_lse_n[:, None])  # log p_j
         p_nc = torch.exp(logq_nc)
         if with_entropy:
@@ -123,13 +136,17 @@ def logprobs_backward(logits_nv: torch.Tensor, targets_n: torch.Tensor, vocab_st
         gz_nc[rows_r, local_n[rows_r] - c0] += g_n[rows_r]
         if temperature != 1.0:
             gz_nc.div_(temperature)
-        grad_nv[:, c0:c0 + cols] = gz_nc
+        grad_nv[:, c0 : c0 + cols] = gz_nc
         del gz_nc, p_nc
     return grad_nv
 
 
-def logprobs_eager(logits_nv: torch.Tensor, targets_n: torch.Tensor, temperature: float = 1.0,
-                   return_entropy: bool = False):
+def logprobs_eager(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
     """``log_softmax(logits / T).gather(targets)`` in the logits' own dtype (autograd-able)."""
     logq_nv = torch.log_softmax(logits_nv / temperature, dim=-1)
     logp_n = logq_nv.gather(-1, targets_n.long()[..., None])[..., 0]
@@ -139,17 +156,27 @@ def logprobs_eager(logits_nv: torch.Tensor, targets_n: torch.Tensor, temperature
     return logp_n, entropy_n
 
 
-def sequence_log_weights(log_ratio_n: torch.Tensor, valid_n: torch.Tensor, seq_n: torch.Tensor,
-                         num_sequences: int):
-    """GSPO's per-sequence log weight: masked mean of ``logp - old_logp`` -> ``(logw_s, count_s)``."""
+def sequence_log_weights(
+    log_ratio_n: torch.Tensor, valid_n: torch.Tensor, seq_n: torch.Tensor, num_sequences: int
+):
+    """GSPO's per-sequence log weight, the masked mean of ``logp - old``: ``(logw_s, count_s)``."""
     count_s = torch.zeros(num_sequences, dtype=log_ratio_n.dtype, device=log_ratio_n.device)
     count_s = count_s.index_add(0, seq_n, valid_n.to(log_ratio_n.dtype))
     total_s = torch.zeros_like(count_s).index_add(0, seq_n, log_ratio_n)
     return total_s / count_s.clamp(min=1.0), count_s
 
 
-def grpo_loss_reference(logp_n, old_logp_n, ref_logp_n, advantages_n, valid_n, spec: "GRPOLossSpec",
-                        sampler_logp_n=None, seq_n=None, num_sequences: int = 0):
+def grpo_loss_reference(
+    logp_n,
+    old_logp_n,
+    ref_logp_n,
+    advantages_n,
+    valid_n,
+    spec: GRPOLossSpec,
+    sampler_logp_n=None,
+    seq_n=None,
+    num_sequences: int = 0,
+):
     """Per-token GRPO loss (zero on masked tokens) and its metrics, TRL semantics, autograd.
 
     Only ``logp_n`` is differentiated; the other inputs are constants (as in TRL, which computes
@@ -201,7 +228,9 @@ def grpo_loss_reference(logp_n, old_logp_n, ref_logp_n, advantages_n, valid_n, s
         else:  # TRL averages sequence-level clip indicators over sequences
             weight_n = valid_f / count_s.clamp(min=1.0)[seq_n]
             denom = torch.tensor(float(max(num_sequences, 1)), dtype=logp_n.dtype)
-        metrics = tuple((weight_n * ind_n.to(logp_n.dtype)).sum() / denom
-                        for ind_n in (low_n, high_n, low_n | high_n))
+        metrics = tuple(
+            (weight_n * ind_n.to(logp_n.dtype)).sum() / denom
+            for ind_n in (low_n, high_n, low_n | high_n)
+        )
         kl_mean = None if kl_n is None else (valid_f * kl_n).sum() / valid_f.sum().clamp(min=1.0)
     return loss_n, (*metrics, kl_mean)

@@ -27,8 +27,9 @@ class LogitCase:
     dead_n: torch.Tensor
 
 
-def special_logits(n_rows: int, vocab: int, dtype: torch.dtype, seed: int = 0,
-                   device: str | torch.device = "cpu") -> LogitCase:
+def special_logits(
+    n_rows: int, vocab: int, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu"
+) -> LogitCase:
     """Random logits (std 3) whose first rows are: half -inf (target in the finite half), all -inf,
     +-1e4 extremes, and a row whose target column is -inf (logp = -inf). Needs ``n_rows >= 5``."""
     gen = torch.Generator().manual_seed(seed)
@@ -57,8 +58,10 @@ def max_error(x: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor | None = No
         x, ref = x[keep], ref[keep]
     finite = torch.isfinite(ref)
     if not torch.equal(x[~finite].nan_to_num(nan=7.0), ref[~finite].nan_to_num(nan=7.0)):
-        raise AssertionError(f"non-finite entries differ: got {x[~finite][:8].tolist()}, "
-                             f"expected {ref[~finite][:8].tolist()}")
+        raise AssertionError(
+            f"non-finite entries differ: got {x[~finite][:8].tolist()}, "
+            f"expected {ref[~finite][:8].tolist()}"
+        )
     if not bool(finite.any()):
         return 0.0
     err = (x[finite] - ref[finite]).abs()
@@ -73,9 +76,15 @@ def fp32_ulp(x: torch.Tensor) -> torch.Tensor:
     return (torch.nextafter(a, torch.full_like(a, torch.inf)) - a).double()
 
 
-def check_error_rule(name: str, kernel: torch.Tensor, baseline: torch.Tensor, ref64: torch.Tensor,
-                     atol: float, keep: torch.Tensor | None = None,
-                     slack: torch.Tensor | None = None) -> tuple[float, float]:
+def check_error_rule(
+    name: str,
+    kernel: torch.Tensor,
+    baseline: torch.Tensor,
+    ref64: torch.Tensor,
+    atol: float,
+    keep: torch.Tensor | None = None,
+    slack: torch.Tensor | None = None,
+) -> tuple[float, float]:
     """Asserts ``|kernel - ref64| <= 2 * err(baseline) + atol (+ slack)`` elementwise.
 
     ``err(baseline)`` is the max error of the plain PyTorch computation in the same dtype.
@@ -88,8 +97,10 @@ def check_error_rule(name: str, kernel: torch.Tensor, baseline: torch.Tensor, re
     bound = 2.0 * err_base + atol
     if slack is None or err_kernel <= bound:
         if not err_kernel <= bound:
-            raise AssertionError(f"{name}: kernel error {err_kernel:.3e} > 2 x torch error "
-                                 f"{err_base:.3e} + {atol:.1e}")
+            raise AssertionError(
+                f"{name}: kernel error {err_kernel:.3e} > 2 x torch error "
+                f"{err_base:.3e} + {atol:.1e}"
+            )
         return err_kernel, err_base
     x, ref, slack = kernel.detach().double(), ref64.detach().double(), slack.double()
     if keep is not None:
@@ -98,7 +109,9 @@ def check_error_rule(name: str, kernel: torch.Tensor, baseline: torch.Tensor, re
     excess = (x[finite] - ref[finite]).abs() - (bound + slack[finite])
     if bool((excess > 0).any()):
         i = int(excess.argmax())
-        raise AssertionError(f"{name}: kernel error {err_kernel:.3e} > 2 x torch error "
-                             f"{err_base:.3e} + {atol:.1e} + fp32 rounding slack "
-                             f"{float(slack[finite][i]):.3e} (worst element {i})")
+        raise AssertionError(
+            f"{name}: kernel error {err_kernel:.3e} > 2 x torch error "
+            f"{err_base:.3e} + {atol:.1e} + fp32 rounding slack "
+            f"{float(slack[finite][i]):.3e} (worst element {i})"
+        )
     return err_kernel, err_base

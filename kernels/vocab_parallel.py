@@ -67,8 +67,11 @@ def finalize_row_stats(stats_n5: torch.Tensor, temperature: float):
     logp_n = (stats_n5[:, TARGET] - safe_m_n) / temperature - log_s_n
     logp_n = torch.where(live_n, logp_n, -torch.inf * ones_n)
     logp_n = torch.where(stats_n5[:, OWNER] == 1, logp_n, torch.nan * ones_n)
-    entropy_n = torch.where(live_n, log_s_n - stats_n5[:, XLOGX] / torch.where(live_n, s_n, ones_n),
-                            torch.zeros_like(s_n))
+    entropy_n = torch.where(
+        live_n,
+        log_s_n - stats_n5[:, XLOGX] / torch.where(live_n, s_n, ones_n),
+        torch.zeros_like(s_n),
+    )
     return logp_n, entropy_n, m_n, log_s_n
 
 
@@ -85,7 +88,7 @@ def gather_row_stats(stats_n5: torch.Tensor, group) -> torch.Tensor:
 
 
 def default_vocab_start(vocab_local: int, group) -> int:
-    """Megatron's equal vocab partition: rank ``r`` of the group holds ``[r*V_local, (r+1)*V_local)``."""
+    """Megatron's equal vocab partition: rank ``r`` holds ``[r*V_local, (r+1)*V_local)``."""
     if group is None:
         return 0
     return dist.get_rank(group) * vocab_local
@@ -96,7 +99,15 @@ def check_owners(stats_n5: torch.Tensor, vocab_local: int, vocab_start: int, gro
     bad_n = stats_n5[:, OWNER] != 1
     if bool(bad_n.any()):
         row = int(bad_n.nonzero()[0, 0])
-        where = "" if group is None else (f" (this rank holds columns [{vocab_start}, "
-                                          f"{vocab_start + vocab_local}) of the vocab-parallel group)")
-        raise ValueError(f"targets: {int(bad_n.sum())} target ids lie outside the vocabulary, first "
-                         f"at row {row}; expected ids in [0, vocab size){where}")
+        where = (
+            ""
+            if group is None
+            else (
+                f" (this rank holds columns [{vocab_start}, {vocab_start + vocab_local}) of the "
+                f"vocab-parallel group)"
+            )
+        )
+        raise ValueError(
+            f"targets: {int(bad_n.sum())} target ids lie outside the vocabulary, "
+            f"first at row {row}; expected ids in [0, vocab size){where}"
+        )

@@ -17,16 +17,19 @@ TRITON_OK = prefer_interpreter_if_no_cuda()  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from megagrpo_kernels import grpo_loss  # noqa: E402
 from megagrpo_kernels.testing import check_error_rule, max_error  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-NO_TRITON = "triton kernels need CUDA or TRITON_INTERPRET=1 set before triton's first import " \
-            "(covered by test_triton_cases_in_fresh_process)"
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
-            "torch"]
+NO_TRITON = (
+    "triton kernels need CUDA or TRITON_INTERPRET=1 set before triton's first import "
+    "(covered by test_triton_cases_in_fresh_process)"
+)
+BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
+    "torch",
+]
 LEVELS = ["token", "sequence", "sequence_token"]
 OPTIONS = {
     "plain": dict(epsilon_low=0.2, epsilon_high=0.2),
@@ -34,8 +37,9 @@ OPTIONS = {
 }
 
 
-def trl_loss(lp, old, ref, adv_b, mask, level, epsilon_low, epsilon_high, delta=None, beta=0.0,
-             is_ratio=None):
+def trl_loss(
+    lp, old, ref, adv_b, mask, level, epsilon_low, epsilon_high, delta=None, beta=0.0, is_ratio=None
+):
     """TRL's per-token loss times the mask, and its metrics (clip low/high/region, kl)."""
     adv = adv_b.unsqueeze(1)
     mask = mask.to(lp.dtype)
@@ -87,9 +91,17 @@ def make_batch(seed, batch=5, length=9, dtype=torch.float64):
 
 def run_ours(backend, lp, old, ref, sampler, adv, mask, level, opts, weight, dtype):
     x = lp.to(dtype).clone().requires_grad_()
-    out = grpo_loss(x, old.to(dtype), ref.to(dtype), adv.to(dtype), mask,
-                    sampler_logp=sampler.to(dtype) if "tis_cap" in opts else None,
-                    importance_sampling_level=level, backend=backend, **opts)
+    out = grpo_loss(
+        x,
+        old.to(dtype),
+        ref.to(dtype),
+        adv.to(dtype),
+        mask,
+        sampler_logp=sampler.to(dtype) if "tis_cap" in opts else None,
+        importance_sampling_level=level,
+        backend=backend,
+        **opts,
+    )
     (out.loss * weight.to(dtype)).sum().backward()
     return out, x.grad
 
@@ -106,19 +118,21 @@ def test_matches_trl_semantics(backend, level, options):
         is_ratio = torch.clamp(torch.exp(old - sampler), max=opts["tis_cap"])
     x64 = lp.clone().requires_grad_()
     trl_opts = {k: v for k, v in opts.items() if k != "tis_cap"}
-    ref_loss, ref_metrics = trl_loss(x64, old, ref, adv, mask, level, is_ratio=is_ratio,
-                                     **trl_opts)
+    ref_loss, ref_metrics = trl_loss(x64, old, ref, adv, mask, level, is_ratio=is_ratio, **trl_opts)
     (ref_loss * weight).sum().backward()
     if backend == "torch":  # the reference itself, in fp64: agreement to rounding
-        out, grad = run_ours(backend, lp, old, ref, sampler, adv, mask, level, opts, weight,
-                             torch.float64)
+        out, grad = run_ours(
+            backend, lp, old, ref, sampler, adv, mask, level, opts, weight, torch.float64
+        )
         assert max_error(out.loss, ref_loss) < 1e-12
         assert max_error(grad, x64.grad) < 1e-12
     else:  # Triton computes in fp32: the 2x rule against the fp32 reference
-        out, grad = run_ours(backend, lp, old, ref, sampler, adv, mask, level, opts, weight,
-                             torch.float32)
-        base, base_grad = run_ours("torch", lp, old, ref, sampler, adv, mask, level, opts,
-                                   weight, torch.float32)
+        out, grad = run_ours(
+            backend, lp, old, ref, sampler, adv, mask, level, opts, weight, torch.float32
+        )
+        base, base_grad = run_ours(
+            "torch", lp, old, ref, sampler, adv, mask, level, opts, weight, torch.float32
+        )
         check_error_rule("loss", out.loss, base.loss, ref_loss, 1e-6)
         check_error_rule("grad_logp", grad, base_grad, x64.grad, 1e-6)
     got = [out.clip_low, out.clip_high, out.clip_region]
@@ -142,9 +156,17 @@ def test_hand_computed_values(backend):
     sampler[4] = -ln(4.0)  # importance weight 4, capped at 3
 
     def one(i, **kw):
-        x = lp[i:i + 1].clone().requires_grad_()
-        out = grpo_loss(x, old[i:i + 1], ref[i:i + 1], adv[i:i + 1], backend=backend,
-                        epsilon_low=0.2, epsilon_high=0.2, **kw)
+        x = lp[i : i + 1].clone().requires_grad_()
+        out = grpo_loss(
+            x,
+            old[i : i + 1],
+            ref[i : i + 1],
+            adv[i : i + 1],
+            backend=backend,
+            epsilon_low=0.2,
+            epsilon_high=0.2,
+            **kw,
+        )
         out.loss.sum().backward()
         return float(out.loss.detach()), float(x.grad), out
 
@@ -163,8 +185,9 @@ def test_hand_computed_values(backend):
     assert loss == pytest.approx(0.8) and grad == 0.0 and float(out.clip_low) == 1.0
     # ratio 1.1 inside the range, TIS weight min(4, 3) = 3: loss -3.3, gradient -3.3.
     x = lp[4:5].clone().requires_grad_()
-    out = grpo_loss(x, old[4:5], None, adv[4:5], sampler_logp=sampler[4:5], tis_cap=3.0,
-                    backend=backend)
+    out = grpo_loss(
+        x, old[4:5], None, adv[4:5], sampler_logp=sampler[4:5], tis_cap=3.0, backend=backend
+    )
     out.loss.sum().backward()
     assert float(out.loss.detach()) == pytest.approx(-3.3, rel=1e-6)
     assert float(x.grad) == pytest.approx(-3.3, rel=1e-6) and out.kl_mean is None
@@ -181,15 +204,32 @@ def test_masked_garbage_cannot_leak(backend, level):
     """Masked tokens holding -inf/NaN change neither the loss nor the gradient of other tokens."""
     lp, old, ref, sampler, adv, mask = make_batch(seed=5, dtype=torch.float32)
     adv_bt = adv[:, None].expand_as(lp).clone()
-    clean = grpo_loss(lp.clone().requires_grad_(), old, ref, adv_bt, mask, beta=0.1,
-                      sampler_logp=sampler, tis_cap=2.0, importance_sampling_level=level,
-                      backend=backend)
+    clean = grpo_loss(
+        lp.clone().requires_grad_(),
+        old,
+        ref,
+        adv_bt,
+        mask,
+        beta=0.1,
+        sampler_logp=sampler,
+        tis_cap=2.0,
+        importance_sampling_level=level,
+        backend=backend,
+    )
     dirty_lp = torch.where(mask, lp, -torch.inf).requires_grad_()
     nan = torch.full_like(lp, torch.nan)
-    out = grpo_loss(dirty_lp, torch.where(mask, old, nan), torch.where(mask, ref, nan),
-                    torch.where(mask, adv_bt, nan), mask, beta=0.1,
-                    sampler_logp=torch.where(mask, sampler, nan), tis_cap=2.0,
-                    importance_sampling_level=level, backend=backend)
+    out = grpo_loss(
+        dirty_lp,
+        torch.where(mask, old, nan),
+        torch.where(mask, ref, nan),
+        torch.where(mask, adv_bt, nan),
+        mask,
+        beta=0.1,
+        sampler_logp=torch.where(mask, sampler, nan),
+        tis_cap=2.0,
+        importance_sampling_level=level,
+        backend=backend,
+    )
     out.loss.sum().backward()
     assert torch.equal(out.loss, clean.loss.detach())
     assert torch.isfinite(dirty_lp.grad).all() and (dirty_lp.grad[~mask] == 0).all()
@@ -207,8 +247,16 @@ def test_packed_sequences_with_seq_ids(backend):
     kw = dict(beta=0.1, importance_sampling_level="sequence", backend=backend)
     a = grpo_loss(lp, old, ref, adv, mask, **kw)
     adv_bt = adv[:, None].expand_as(lp)
-    b = grpo_loss(lp[keep], old[keep], ref[keep], adv_bt[keep], mask[keep], seq_ids=seq[keep],
-                  num_sequences=lp.shape[0], **kw)
+    b = grpo_loss(
+        lp[keep],
+        old[keep],
+        ref[keep],
+        adv_bt[keep],
+        mask[keep],
+        seq_ids=seq[keep],
+        num_sequences=lp.shape[0],
+        **kw,
+    )
     assert max_error(b.loss, a.loss[keep]) < 1e-6
     assert float(a.clip_region) == pytest.approx(float(b.clip_region))
 
@@ -222,9 +270,21 @@ def test_gradcheck_reference(level):
     x = lp.clone().requires_grad_()
 
     def fn(v):
-        return grpo_loss(v, old, ref, adv, mask, epsilon_low=0.2, epsilon_high=0.28, delta=1.3,
-                         beta=0.04, sampler_logp=sampler, tis_cap=1.5,
-                         importance_sampling_level=level, backend="torch").loss
+        return grpo_loss(
+            v,
+            old,
+            ref,
+            adv,
+            mask,
+            epsilon_low=0.2,
+            epsilon_high=0.28,
+            delta=1.3,
+            beta=0.04,
+            sampler_logp=sampler,
+            tis_cap=1.5,
+            importance_sampling_level=level,
+            backend="torch",
+        ).loss
 
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
 
@@ -247,21 +307,33 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="seq_ids: importance_sampling_level='sequence' needs"):
         grpo_loss(lp.reshape(-1), None, None, adv.repeat(4), importance_sampling_level="sequence")
     with pytest.raises(ValueError, match=r"seq_ids: expected ids in \[0, 2\)"):
-        grpo_loss(lp, None, None, adv, importance_sampling_level="sequence",
-                  seq_ids=torch.full((2, 4), 2), num_sequences=2)
+        grpo_loss(
+            lp,
+            None,
+            None,
+            adv,
+            importance_sampling_level="sequence",
+            seq_ids=torch.full((2, 4), 2),
+            num_sequences=2,
+        )
     with pytest.raises(TypeError, match="sampler_logp: expected a floating-point tensor"):
         grpo_loss(lp, None, None, adv, sampler_logp=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="logp: expected a floating-point tensor"):
         grpo_loss(torch.zeros(2, 4, dtype=torch.long), None, None, adv)
 
 
-@pytest.mark.skipif(TRITON_OK or torch.cuda.is_available(),
-                    reason="the Triton cases ran in this process")
+@pytest.mark.skipif(
+    TRITON_OK or torch.cuda.is_available(), reason="the Triton cases ran in this process"
+)
 def test_triton_cases_in_fresh_process():
     """Something imported triton before this module could enable its interpreter: run this
     file's Triton cases in a fresh interpreter-mode process."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-k", "triton", __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -15,28 +15,32 @@ from megagrpo_kernels.backend import prefer_interpreter_if_no_cuda
 
 TRITON_OK = prefer_interpreter_if_no_cuda()  # before anything imports triton
 
+import megagrpo_kernels  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import megagrpo_kernels  # noqa: E402
 from megagrpo_kernels import logprobs  # noqa: E402
 from megagrpo_kernels.reference import logprobs_eager  # noqa: E402
 from megagrpo_kernels.testing import check_error_rule, max_error, special_logits  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-NO_TRITON = "triton kernels need CUDA or TRITON_INTERPRET=1 set before triton's first import " \
-            "(covered by test_triton_cases_in_fresh_process)"
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
-            "torch"]
-N_ROWS = 8
+NO_TRITON = (
+    "triton kernels need CUDA or TRITON_INTERPRET=1 set before triton's first import "
+    "(covered by test_triton_cases_in_fresh_process)"
+)
+BACKENDS = [
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
+    "torch",
+]
+N_ROWS = 16
 ATOL = 1e-6
 
 
 def _run(logits_nv, targets_n, temperature, backend, g_n, gh_n, **kw):
     x = logits_nv.clone().requires_grad_()
-    logp_n, entropy_n = logprobs(x, targets_n, temperature, return_entropy=True, backend=backend,
-                                 **kw)
+    logp_n, entropy_n = logprobs(
+        x, targets_n, temperature, return_entropy=True, backend=backend, **kw
+    )
     # A -inf log-prob (target on a -inf logit) still has a finite gradient: let it flow.
     (logp_n * g_n + entropy_n * gh_n).sum().backward()
     return logp_n.detach(), entropy_n.detach(), x.grad
@@ -46,8 +50,9 @@ def _eager(logits_nv, targets_n, temperature, g_n, gh_n, keep_n):
     x = logits_nv.clone().requires_grad_()
     logp_n, entropy_n = logprobs_eager(x, targets_n, temperature, return_entropy=True)
     w_n = keep_n.to(logp_n.dtype)  # entirely -inf rows are NaN here; their gradient is dropped
-    (logp_n * g_n.to(x.dtype) * w_n + entropy_n.nan_to_num() * gh_n.to(x.dtype) * w_n).sum() \
-        .backward()
+    (
+        logp_n * g_n.to(x.dtype) * w_n + entropy_n.nan_to_num() * gh_n.to(x.dtype) * w_n
+    ).sum().backward()
     return logp_n.detach(), entropy_n.detach(), x.grad
 
 
@@ -61,8 +66,9 @@ def test_logprobs_match_fp64_reference(backend, dtype, vocab, temperature):
     g_n, gh_n = torch.randn(N_ROWS, generator=gen), torch.randn(N_ROWS, generator=gen)
     keep_n = ~case.dead_n
     logp, ent, grad = _run(case.logits_nv, case.targets_n, temperature, backend, g_n, gh_n)
-    lp64, ent64, grad64 = _eager(case.logits_nv.double(), case.targets_n, temperature,
-                                 g_n.double(), gh_n.double(), keep_n)
+    lp64, ent64, grad64 = _eager(
+        case.logits_nv.double(), case.targets_n, temperature, g_n.double(), gh_n.double(), keep_n
+    )
     lpb, entb, gradb = _eager(case.logits_nv, case.targets_n, temperature, g_n, gh_n, keep_n)
     assert logp.dtype == torch.float32 and grad.dtype == dtype
     check_error_rule("logp", logp, lpb, lp64, ATOL, keep_n)
@@ -76,18 +82,24 @@ def test_logprobs_match_fp64_reference(backend, dtype, vocab, temperature):
         assert torch.isneginf(logp[3]) and torch.isfinite(grad[3].float()).all()
 
 
-@pytest.mark.parametrize("backend,kw", [
-    pytest.param("triton", {"block_size": 128},
-                 marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
-    ("torch", {"chunk_size": 97})])
+@pytest.mark.parametrize(
+    "backend,kw",
+    [
+        pytest.param(
+            "triton", {"block_size": 128}, marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)
+        ),
+        ("torch", {"chunk_size": 97}),
+    ],
+)
 def test_many_blocks_and_chunks(backend, kw):
     """Online max / sum-exp merging across many blocks (Triton) or chunks (torch)."""
     case = special_logits(N_ROWS, 1000, torch.float32, seed=3)
     g_n, gh_n = torch.ones(N_ROWS), torch.full((N_ROWS,), 0.5)
     keep_n = ~case.dead_n
     logp, ent, grad = _run(case.logits_nv, case.targets_n, 0.7, backend, g_n, gh_n, **kw)
-    lp64, ent64, grad64 = _eager(case.logits_nv.double(), case.targets_n, 0.7, g_n.double(),
-                                 gh_n.double(), keep_n)
+    lp64, ent64, grad64 = _eager(
+        case.logits_nv.double(), case.targets_n, 0.7, g_n.double(), gh_n.double(), keep_n
+    )
     lpb, entb, gradb = _eager(case.logits_nv, case.targets_n, 0.7, g_n, gh_n, keep_n)
     check_error_rule("logp", logp, lpb, lp64, ATOL, keep_n)
     check_error_rule("entropy", ent, entb, ent64, ATOL, keep_n)
@@ -138,17 +150,19 @@ def test_row_offsets_beyond_2_pow_31():
 
     logits_nv = flat_in.as_strided((n_rows, vocab), (stride, 1))
     grad_nv = flat_out.as_strided((n_rows, vocab), (stride, 1))
-    small_nv = (torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(0)) * 2)
+    small_nv = torch.randn(n_rows, vocab, generator=torch.Generator().manual_seed(0)) * 2
     logits_nv.copy_(small_nv.to(torch.bfloat16))
     targets_n = torch.tensor([5, 17, 299])
     logp_n, _, max_n, lse_n = logprobs_triton.logprobs_forward(
-        logits_nv, targets_n, 0, 0.7, False, True)
+        logits_nv, targets_n, 0, 0.7, False, True
+    )
     x64 = logits_nv.double().clone().requires_grad_()
     ref_n = logprobs_eager(x64, targets_n, 0.7)
     ref_n.sum().backward()
     assert max_error(logp_n, ref_n) < 1e-5
-    logprobs_triton.logprobs_backward(logits_nv, targets_n, 0, 0.7, max_n, lse_n,
-                                      torch.ones(n_rows), grad_out=grad_nv)
+    logprobs_triton.logprobs_backward(
+        logits_nv, targets_n, 0, 0.7, max_n, lse_n, torch.ones(n_rows), grad_out=grad_nv
+    )
     assert max_error(grad_nv, x64.grad) < 4e-3  # bf16 rounding of the gradient
     assert grad_nv[2].abs().sum() > 0
     del logits_nv, grad_nv, flat_in, flat_out
@@ -188,14 +202,15 @@ def test_bad_backend_choices(monkeypatch):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_gradcheck_chunked_reference(temperature):
-    """The torch backend's hand-written chunked backward (logp and entropy) vs finite differences."""
+    """The torch backend's hand-written chunked backward (logp, entropy) vs finite differences."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 11, generator=gen, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 5, 10])
 
     def fn(x):
-        lp, ent = logprobs(x, targets, temperature, return_entropy=True, backend="torch",
-                           chunk_size=4)
+        lp, ent = logprobs(
+            x, targets, temperature, return_entropy=True, backend="torch", chunk_size=4
+        )
         return lp, ent
 
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7)
@@ -204,22 +219,41 @@ def test_gradcheck_chunked_reference(temperature):
 def test_default_backend_is_torch_on_cpu_and_import_is_cheap():
     assert megagrpo_kernels.backend.resolve_backend(None, torch.zeros(1)) == "torch"
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(megagrpo_kernels.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg_parent, os.environ.get("PYTHONPATH", "")]))
-    code = ("import sys, megagrpo_kernels, megagrpo_kernels.logprobs, megagrpo_kernels.grpo_loss; "
-            "assert 'triton' not in sys.modules, 'triton imported'; "
-            "assert not any(m == 'megagrpo' or m.startswith('megagrpo.') for m in sys.modules)")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([pkg_parent, os.environ.get("PYTHONPATH", "")])
+    )
+    code = (
+        "import sys, megagrpo_kernels, megagrpo_kernels.logprobs, megagrpo_kernels.grpo_loss; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert not any(m == 'megagrpo' or m.startswith('megagrpo.') for m in sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
-@pytest.mark.skipif(TRITON_OK or torch.cuda.is_available(),
-                    reason="the Triton cases ran in this process")
+@pytest.mark.skipif(
+    TRITON_OK or torch.cuda.is_available(), reason="the Triton cases ran in this process"
+)
 def test_triton_cases_in_fresh_process():
     """Something imported triton before this module could enable its interpreter (transformers
     and megatron-core do): run this file's Triton cases in a fresh interpreter-mode process."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-k", "triton or offsets", __file__], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "triton or offsets",
+            __file__,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 

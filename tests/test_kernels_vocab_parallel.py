@@ -29,8 +29,14 @@ N_ROWS = 6
 class CollectiveCounter:
     """Counts calls of the collectives a merge could use (patched on torch.distributed)."""
 
-    NAMES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce",
-             "reduce_scatter_tensor", "broadcast")
+    NAMES = (
+        "all_gather_single",
+        "all_gather_into_tensor",
+        "all_gather",
+        "all_reduce",
+        "reduce_scatter_tensor",
+        "broadcast",
+    )
 
     def __init__(self):
         self.calls = []
@@ -44,6 +50,7 @@ class CollectiveCounter:
         def counted(*args, **kwargs):
             self.calls.append(name)
             return original(*args, **kwargs)
+
         return counted
 
     def take(self):
@@ -81,23 +88,34 @@ def _check_logprobs(rank, backend, vocab, dtype, counter, explicit_start):
     x = shard.clone().requires_grad_()
     from megagrpo_kernels import logprobs
 
-    logp, ent = logprobs(x, case.targets_n, 0.7, tp_group=dist.group.WORLD, return_entropy=True,
-                         backend=backend, **start)
+    logp, ent = logprobs(
+        x,
+        case.targets_n,
+        0.7,
+        tp_group=dist.group.WORLD,
+        return_entropy=True,
+        backend=backend,
+        **start,
+    )
     forward_calls = counter.take()
     (logp * g_n + ent * gh_n).sum().backward()
     backward_calls = counter.take()
-    full_logp, full_ent, full_grad = _logprob_pass(case.logits_nv, case.targets_n, g_n, gh_n,
-                                                   backend)
+    full_logp, full_ent, full_grad = _logprob_pass(
+        case.logits_nv, case.targets_n, g_n, gh_n, backend
+    )
     tol = 1e-5 * (1 + float(full_logp[torch.isfinite(full_logp)].abs().max()))
     return {
-        "forward collectives": (len(forward_calls) == 1 and forward_calls[0].startswith(
-            "all_gather_"), forward_calls),
+        "forward collectives": (
+            len(forward_calls) == 1 and forward_calls[0].startswith("all_gather_"),
+            forward_calls,
+        ),
         "backward collectives": (backward_calls == [], backward_calls),
         "logp": (max_error(logp, full_logp) <= tol, max_error(logp, full_logp)),
         "entropy": (max_error(ent, full_ent) <= 1e-5, max_error(ent, full_ent)),
-        "grad": (max_error(x.grad, full_grad[:, lo:hi]) <= (1e-6 if dtype == torch.float32
-                                                              else 4e-3),
-                 max_error(x.grad, full_grad[:, lo:hi])),
+        "grad": (
+            max_error(x.grad, full_grad[:, lo:hi]) <= (1e-6 if dtype == torch.float32 else 4e-3),
+            max_error(x.grad, full_grad[:, lo:hi]),
+        ),
         "grad dtype": (x.grad.dtype == dtype, str(x.grad.dtype)),
     }
 
@@ -113,22 +131,33 @@ def _check_fused(rank, backend, level):
     ref = old + 0.1 * torch.randn(2, 5, generator=gen)
     adv = torch.randn(2, generator=gen)
     mask = torch.rand(2, 5, generator=gen) > 0.2
-    kw = dict(temperature=0.7, beta=0.04, delta=1.5, epsilon_high=0.28,
-              importance_sampling_level=level, backend=backend)
-    x = logits[..., rank * 32:(rank + 1) * 32].clone().requires_grad_()
+    kw = dict(
+        temperature=0.7,
+        beta=0.04,
+        delta=1.5,
+        epsilon_high=0.28,
+        importance_sampling_level=level,
+        backend=backend,
+    )
+    x = logits[..., rank * 32 : (rank + 1) * 32].clone().requires_grad_()
     out = logprob_grpo_loss(x, targets, old, ref, adv, mask, tp_group=dist.group.WORLD, **kw)
     out.loss.sum().backward()
     y = logits.clone().requires_grad_()
     full = logprob_grpo_loss(y, targets, old, ref, adv, mask, **kw)
     full.loss.sum().backward()
-    full_grad = y.grad[..., rank * 32:(rank + 1) * 32]
+    full_grad = y.grad[..., rank * 32 : (rank + 1) * 32]
     loss_tol = 1e-6 * (1 + float(full.loss.abs().max()))
     grad_tol = 1e-6 * (1 + float(full_grad.abs().max()))
     return {
         "loss": (max_error(out.loss, full.loss) < loss_tol, max_error(out.loss, full.loss)),
         "grad": (max_error(x.grad, full_grad) < grad_tol, max_error(x.grad, full_grad)),
-        "metrics": (all(abs(float(getattr(out, k)) - float(getattr(full, k))) < 1e-5
-                        for k in ("clip_low", "clip_high", "clip_region", "kl_mean")), None),
+        "metrics": (
+            all(
+                abs(float(getattr(out, k)) - float(getattr(full, k))) < 1e-5
+                for k in ("clip_low", "clip_high", "clip_region", "kl_mean")
+            ),
+            None,
+        ),
     }
 
 
@@ -139,9 +168,13 @@ def _check_bad_target(rank, backend):
     try:
         logprobs(shard, torch.tensor([0, 19, 20]), tp_group=dist.group.WORLD, backend=backend)
     except ValueError as err:
-        return {"out-of-range target": ("targets: 1 target ids lie outside" in str(err)
-                                        and f"[{rank * 10}, {rank * 10 + 10})" in str(err),
-                                        str(err))}
+        return {
+            "out-of-range target": (
+                "targets: 1 target ids lie outside" in str(err)
+                and f"[{rank * 10}, {rank * 10 + 10})" in str(err),
+                str(err),
+            )
+        }
     return {"out-of-range target": (False, "no error raised")}
 
 
@@ -152,9 +185,11 @@ def _worker(rank, port, backends, queue):
         counter = CollectiveCounter()
         results = {}
         for backend in backends:
-            for vocab, dtype, explicit in [(1000, torch.float32, False),
-                                           (1001, torch.float32, True),
-                                           (1000, torch.bfloat16, False)]:
+            for vocab, dtype, explicit in [
+                (1000, torch.float32, False),
+                (1001, torch.float32, True),
+                (1000, torch.bfloat16, False),
+            ]:
                 checks = _check_logprobs(rank, backend, vocab, dtype, counter, explicit)
                 for name, res in checks.items():
                     results[f"{backend} V={vocab} {dtype} {name}"] = res
@@ -190,8 +225,12 @@ def test_vocab_parallel_matches_unsharded():
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    failures = [f"rank {r}: {name}: {detail}" for r, res in sorted(results.items())
-                for name, (ok, detail) in res.items() if not ok]
+    failures = [
+        f"rank {r}: {name}: {detail}"
+        for r, res in sorted(results.items())
+        for name, (ok, detail) in res.items()
+        if not ok
+    ]
     assert not failures, "\n".join(failures)
     assert all(len(res) > 20 for res in results.values())
     assert any(name.startswith("triton") for name in results[0]) == ("triton" in backends)

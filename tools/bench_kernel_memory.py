@@ -42,13 +42,12 @@ def _status_kib(field: str) -> int:
 def run_variant(kind: str, n: int, v: int, temperature: float) -> dict:
     """Runs in the child: returns peak extra MiB and seconds for one variant."""
     import torch
-
     from megagrpo_kernels import logprobs
 
     torch.manual_seed(0)
     logits = torch.empty(n, v, dtype=torch.bfloat16)
     for r0 in range(0, n, 256):  # fill without an N x V fp32 temporary
-        logits[r0:r0 + 256] = torch.randn(min(256, n - r0), v) * 2
+        logits[r0 : r0 + 256] = torch.randn(min(256, n - r0), v) * 2
     targets = torch.randint(0, v, (n,))
     grad_in = torch.randn(n)
 
@@ -75,13 +74,27 @@ def run_variant(kind: str, n: int, v: int, temperature: float) -> dict:
             fn(x)
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
-    return {"peak_extra_mib": (peak - rss_before) / 1024, "seconds": seconds,
-            "inputs_mib": rss_before / 1024, "threads": torch.get_num_threads()}
+    return {
+        "peak_extra_mib": (peak - rss_before) / 1024,
+        "seconds": seconds,
+        "inputs_mib": rss_before / 1024,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def spawn(kind: str, n: int, v: int, temperature: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--n", str(n), "--v",
-           str(v), "--temperature", str(temperature)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        kind,
+        "--n",
+        str(n),
+        "--v",
+        str(v),
+        "--temperature",
+        str(temperature),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -98,16 +111,21 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(run_variant(args.child, args.n, args.v, args.temperature)))
         return 0
-    print(f"N={args.n} V={args.v} bf16 logits ({args.n * args.v * 2 / MiB:.0f} MiB), "
-          f"temperature {args.temperature}; peak extra = VmHWM - VmRSS before the call")
+    print(
+        f"N={args.n} V={args.v} bf16 logits ({args.n * args.v * 2 / MiB:.0f} MiB), "
+        f"temperature {args.temperature}; peak extra = VmHWM - VmRSS before the call"
+    )
     results = {}
     for label, kind in VARIANTS.items():
         results[kind] = res = spawn(kind, args.n, args.v, args.temperature)
         if "error" in res:
             print(f"{label:58s} failed: {res['error']}")
         else:
-            print(f"{label:58s} peak extra {res['peak_extra_mib']:8.0f} MiB   "
-                  f"{res['seconds']:6.1f} s   ({res['threads']} threads)", flush=True)
+            print(
+                f"{label:58s} peak extra {res['peak_extra_mib']:8.0f} MiB   "
+                f"{res['seconds']:6.1f} s   ({res['threads']} threads)",
+                flush=True,
+            )
     for what in ("fwd", "fwdbwd"):
         ours, eager = results[f"chunked_{what}"], results[f"eager_{what}"]
         if "error" not in ours and "error" not in eager:
@@ -116,8 +134,10 @@ def main(argv=None) -> int:
     ours = results["chunked_fwdbwd"]
     if "error" not in ours:
         grad_mib = args.n * args.v * 2 / MiB
-        print(f"fwdbwd: chunked peak extra beyond the {grad_mib:.0f} MiB bf16 grad_logits output "
-              f"= {ours['peak_extra_mib'] - grad_mib:.0f} MiB")
+        print(
+            f"fwdbwd: chunked peak extra beyond the {grad_mib:.0f} MiB bf16 grad_logits output "
+            f"= {ours['peak_extra_mib'] - grad_mib:.0f} MiB"
+        )
     return 0
 
 

@@ -25,8 +25,8 @@ import argparse
 import datetime
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -49,9 +49,11 @@ class Result:
 
 def require_cuda() -> torch.device:
     if not torch.cuda.is_available():
-        raise SystemExit("tools/bench_kernels.py needs a CUDA GPU and torch with CUDA "
-                         "(torch.cuda.is_available() is False here). The CPU memory benchmark "
-                         "is tools/bench_kernel_memory.py.")
+        raise SystemExit(
+            "tools/bench_kernels.py needs a CUDA GPU and torch with CUDA "
+            "(torch.cuda.is_available() is False here). The CPU memory benchmark "
+            "is tools/bench_kernel_memory.py."
+        )
     return torch.device("cuda")
 
 
@@ -87,7 +89,6 @@ def copy_bandwidth_gbs(nbytes: int = 4 * GiB, iters: int = 10) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), iters)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -111,8 +112,9 @@ def logprob_methods(compiled):
     from megagrpo_kernels import logprobs
 
     methods = {
-        "megagrpo logprobs": lambda x, t: logprobs(x, t, TEMPERATURE, backend="triton",
-                                                   validate=False),
+        "megagrpo logprobs": lambda x, t: logprobs(
+            x, t, TEMPERATURE, backend="triton", validate=False
+        ),
         "torch eager logprobs": eager_logprobs,
     }
     if compiled is not None:
@@ -125,8 +127,18 @@ def loss_methods(n: int, v: int):
     from megagrpo_kernels import logprob_grpo_loss
 
     def ours(x, t, old, ref, adv, mask):
-        return logprob_grpo_loss(x, t, old, ref, adv, mask, temperature=TEMPERATURE,
-                                 backend="triton", validate=False, **LOSS_KW).loss
+        return logprob_grpo_loss(
+            x,
+            t,
+            old,
+            ref,
+            adv,
+            mask,
+            temperature=TEMPERATURE,
+            backend="triton",
+            validate=False,
+            **LOSS_KW,
+        ).loss
 
     methods = {"megagrpo fused loss": (ours, lambda: make_inputs(n, v))}
     try:
@@ -143,12 +155,29 @@ def loss_methods(n: int, v: int):
         logits3[:, :seq] = logits.view(b, seq, v)
         logits3[:, seq] = logits3[:, seq - 1]
         del logits
-        return (logits3, t.view(b, seq), old.view(b, seq), ref.view(b, seq),
-                adv.view(b, seq)[:, 0].contiguous(), mask.view(b, seq))
+        return (
+            logits3,
+            t.view(b, seq),
+            old.view(b, seq),
+            ref.view(b, seq),
+            adv.view(b, seq)[:, 0].contiguous(),
+            mask.view(b, seq),
+        )
 
     def liger(x3, t, old, ref, adv, mask):
-        out = triton_grpo_loss(x3, old, ref, t, adv, mask, TEMPERATURE, LOSS_KW["beta"],
-                               LOSS_KW["epsilon_low"], LOSS_KW["epsilon_high"], inplace=False)
+        out = triton_grpo_loss(
+            x3,
+            old,
+            ref,
+            t,
+            adv,
+            mask,
+            TEMPERATURE,
+            LOSS_KW["beta"],
+            LOSS_KW["epsilon_low"],
+            LOSS_KW["epsilon_high"],
+            inplace=False,
+        )
         return out[0] if isinstance(out, tuple) else out
 
     methods["Liger triton_grpo_loss"] = (liger, liger_args)
@@ -204,9 +233,11 @@ def correctness_check(n: int, v: int) -> str:
 
 
 def format_table(results, copy_gbs, elem=2) -> str:
-    lines = ["| method | N | V | fwd ms | fwd GB/s (% copy) | fwd+bwd ms | fwd+bwd GB/s (% copy) "
-             "| peak extra fwd GiB | peak extra fwd+bwd GiB | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | N | V | fwd ms | fwd GB/s (% copy) | fwd+bwd ms | fwd+bwd GB/s (% copy) "
+        "| peak extra fwd GiB | peak extra fwd+bwd GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         logit_bytes = r.n * r.v * elem
         cells = []
@@ -217,8 +248,10 @@ def format_table(results, copy_gbs, elem=2) -> str:
             gbs = passes * logit_bytes / (ms * 1e-3) / 1e9
             cells += [f"{ms:.3f}", f"{gbs:.0f} ({100 * gbs / copy_gbs:.0f}%)"]
         peaks = [("-" if p is None else f"{p:.2f}") for p in (r.fwd_peak_gib, r.fwdbwd_peak_gib)]
-        lines.append(f"| {r.method} | {r.n} | {r.v} | {cells[0]} | {cells[1]} | {cells[2]} | "
-                     f"{cells[3]} | {peaks[0]} | {peaks[1]} | {r.note} |")
+        lines.append(
+            f"| {r.method} | {r.n} | {r.v} | {cells[0]} | {cells[1]} | {cells[2]} | "
+            f"{cells[3]} | {peaks[0]} | {peaks[1]} | {r.note} |"
+        )
     return "\n".join(lines)
 
 
@@ -234,17 +267,19 @@ def main(argv=None) -> int:
     require_cuda()
     name = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
-    header = (f"# megagrpo kernel benchmark\n\ndevice: {name}; torch {torch.__version__}; "
-              f"date: {datetime.date.today().isoformat()}; bf16 logits, temperature "
-              f"{TEMPERATURE}\nmeasured copy bandwidth (read + write): {copy_gbs:.0f} GB/s\n")
+    header = (
+        f"# megagrpo kernel benchmark\n\ndevice: {name}; torch {torch.__version__}; "
+        f"date: {datetime.date.today().isoformat()}; bf16 logits, temperature "
+        f"{TEMPERATURE}\nmeasured copy bandwidth (read + write): {copy_gbs:.0f} GB/s\n"
+    )
     print(header, flush=True)
     compiled = None
     if not args.no_compile:
-        import torch._dynamo
+        from torch import _dynamo
 
         for knob in ("recompile_limit", "cache_size_limit"):  # one compilation per shape
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, 64)
+            if hasattr(_dynamo.config, knob):
+                setattr(_dynamo.config, knob, 64)
         compiled = torch.compile(eager_logprobs, dynamic=False)
     results, checks = [], []
     for n in args.n:
@@ -264,8 +299,13 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             print(format_table(results[first:], copy_gbs), flush=True)
     table = format_table(results, copy_gbs)
-    text = header + ("\ncorrectness (fp64 rule, 256 rows):\n" + "\n".join(checks) + "\n"
-                     if checks else "") + "\n" + table + "\n"
+    text = (
+        header
+        + ("\ncorrectness (fp64 rule, 256 rows):\n" + "\n".join(checks) + "\n" if checks else "")
+        + "\n"
+        + table
+        + "\n"
+    )
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
