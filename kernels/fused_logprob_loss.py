@@ -97,57 +97,57 @@ def logprob_grpo_loss(
     spec = GRPOLossSpec(epsilon_low, epsilon_high, delta, beta, tis_cap, importance_sampling_level)
     backend = resolve_backend(backend, logits)
     check_logprob_inputs(logits, targets, temperature, backend)
-    fused = backend == "triton" and tp_group is None and importance_sampling_level == "token"
-    if not fused:
-        logp, entropy = logprobs(
-            logits,
-            targets,
-            temperature,
-            tp_group,
-            True,
-            vocab_start_index,
-            backend=backend,
-            validate=validate,
-            chunk_size=chunk_size,
-            block_size=block_size,
+    loss_inputs = dict(
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        advantages=advantages,
+        mask=mask,
+        sampler_logp=sampler_logp,
+        seq_ids=seq_ids,
+        num_sequences=num_sequences,
+    )
+    if backend == "triton" and tp_group is None and importance_sampling_level == "token":
+        if vocab_start_index not in (None, 0):
+            raise ValueError(
+                f"vocab_start_index: must be 0 or None without tp_group, got {vocab_start_index}"
+            )
+        return _fused(
+            logits, targets, temperature, spec, loss_inputs, return_entropy, validate, block_size
         )
-        out = grpo_loss(
-            logp,
-            old_logp,
-            ref_logp,
-            advantages,
-            mask,
-            epsilon_low=epsilon_low,
-            epsilon_high=epsilon_high,
-            delta=delta,
-            beta=beta,
-            sampler_logp=sampler_logp,
-            tis_cap=tis_cap,
-            importance_sampling_level=importance_sampling_level,
-            seq_ids=seq_ids,
-            num_sequences=num_sequences,
-            backend=backend,
-        )
-        out.logp = logp.detach()
-        out.entropy = entropy.detach() if return_entropy else None
-        return out
-    if vocab_start_index not in (None, 0):
-        raise ValueError(
-            f"vocab_start_index: must be 0 or None without tp_group, got {vocab_start_index}"
-        )
+    out_logp = logprobs(
+        logits,
+        targets,
+        temperature,
+        tp_group,
+        return_entropy,
+        vocab_start_index,
+        backend=backend,
+        validate=validate,
+        chunk_size=chunk_size,
+        block_size=block_size,
+    )
+    logp, entropy = out_logp if return_entropy else (out_logp, None)
+    out = grpo_loss(
+        logp,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        beta=beta,
+        tis_cap=tis_cap,
+        importance_sampling_level=importance_sampling_level,
+        backend=backend,
+        **loss_inputs,
+    )
+    out.logp = logp.detach()
+    out.entropy = None if entropy is None else entropy.detach()
+    return out
+
+
+def _fused(logits, targets, temperature, spec, loss_inputs, return_entropy, validate, block_size):
+    """The single-kernel path (Triton, unsharded vocab, token level)."""
     shape = targets.shape
     inputs = prepare_loss_inputs(
-        shape,
-        logits.device,
-        old_logp,
-        ref_logp,
-        advantages,
-        mask,
-        sampler_logp,
-        seq_ids,
-        num_sequences,
-        spec,
-        torch.float32,
+        shape, logits.device, spec=spec, dtype=torch.float32, **loss_inputs
     )
     logits_nv, targets_n = as_rows(logits, targets)
     if validate:
