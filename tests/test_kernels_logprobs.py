@@ -246,7 +246,7 @@ def test_triton_cases_in_fresh_process():
             "-p",
             "no:cacheprovider",
             "-k",
-            "triton or offsets",
+            "triton or offsets or rounds",
             __file__,
         ],
         env=env,
