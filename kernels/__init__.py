@@ -1,6 +1,20 @@
-"""megagrpo_kernels: Triton kernels for GRPO (fused log-prob gathering, GRPO clipped-KL loss).
+"""megagrpo_kernels: fused log-prob gathering (vocab-parallel, with entropy) and the GRPO loss.
 
-Installed under the import name ``megagrpo_kernels``. This package imports nothing from
-``megagrpo``. The kernels themselves are built in their own issue; this module is the package
-root they will live under.
+Installed under the import name ``megagrpo_kernels`` (the directory is ``kernels/``); imports
+nothing from ``megagrpo``, and importing it does not import Triton (the kernel modules load
+lazily, see :mod:`megagrpo_kernels.backend`).
+
+- :func:`logprobs`: ``logits [..., V] , targets [...] -> logp [...]`` (fp32), entropy on request,
+  with backward; vocab-parallel with ``tp_group``.
+- :func:`grpo_loss`: per-token GRPO loss (TRL semantics) + clip fractions and mean KL.
+- :func:`logprob_grpo_loss`: logits straight to the loss (the training path).
+
+Each runs the Triton kernels on CUDA and the chunked PyTorch references (:mod:`reference`) on
+CPU; ``backend="triton"|"torch"`` forces one.
 """
+
+from .fused_logprob_loss import logprob_grpo_loss
+from .grpo_loss import GRPOLossOutput, GRPOLossSpec, grpo_loss
+from .logprobs import logprobs
+
+__all__ = ["GRPOLossOutput", "GRPOLossSpec", "grpo_loss", "logprob_grpo_loss", "logprobs"]

@@ -1,0 +1,236 @@
+"""Plain-PyTorch references of the kernels; the chunked ones are also the CPU production path.
+
+- :func:`local_row_stats` / :func:`logprobs_backward`: log-prob (and entropy) forward statistics and
+  backward, chunked over the vocab so that memory stays ``O(N x chunk)``: no ``N x V`` fp32 tensor
+  is ever built (the backward writes ``grad_logits`` in the logits' dtype, which is the output).
+  They follow the kernels' math exactly (see :mod:`vocab_parallel` for the statistics).
+- :func:`logprobs_eager`: the textbook ``log_softmax`` + ``gather`` (``O(N x V)``), the baseline of
+  tests and benchmarks, in whatever dtype it is given.
+- :func:`grpo_loss_reference`: the GRPO per-token loss and its clip/KL metrics with TRL's
+  semantics (``GRPOTrainer._compute_loss``), differentiated by autograd.
+
+Shapes: ``_n`` rows/tokens, ``_v`` local vocab, ``_c`` a vocab chunk, ``_s`` sequences.
+Compute dtype: float64 for float64 inputs, float32 for everything else.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .vocab_parallel import MAX, NUM_STATS, OWNER, SUMEXP, TARGET, XLOGX, merge_row_stats
+
+if TYPE_CHECKING:
+    from .grpo_loss import GRPOLossSpec
+
+CHUNK_ELEMENTS = 1 << 22  # elements of one [N, chunk] temporary: 16 MB in fp32
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_columns(n_rows: int, vocab: int, chunk_size: int | None = None) -> int:
+    """Vocab columns per chunk: ``chunk_size`` if given, else about ``CHUNK_ELEMENTS / N``."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return min(chunk_size, max(vocab, 1))
+    return max(1, min(vocab, max(256, CHUNK_ELEMENTS // max(n_rows, 1))))
+
+
+def _scaled_shifted(
+    logits_nc: torch.Tensor, max_n: torch.Tensor, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(z - M) / T`` in ``dtype`` as a fresh tensor (never a view of the logits)."""
+    u_nc = logits_nc.to(dtype, copy=True)
+    u_nc.sub_(max_n[:, None])
+    if temperature != 1.0:
+        u_nc.div_(temperature)
+    return u_nc
+
+
+def local_row_stats(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    vocab_start: int,
+    temperature: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """This shard's per-row statistics ``[N, 5]`` (see :mod:`vocab_parallel`), chunk by chunk."""
+    n_rows, vocab = logits_nv.shape
+    dtype = compute_dtype(logits_nv.dtype)
+    cols = chunk_columns(n_rows, vocab, chunk_size)
+    n_chunks = max(1, -(-vocab // cols))
+    stats_kn5 = torch.zeros((n_chunks, n_rows, NUM_STATS), dtype=dtype, device=logits_nv.device)
+    stats_kn5[..., MAX] = -torch.inf
+    floor = torch.finfo(dtype).min
+    for k, c0 in enumerate(range(0, vocab, cols)):
+        chunk_nc = logits_nv[:, c0 : c0 + cols]
+        m_n = chunk_nc.amax(dim=-1).to(dtype)
+        safe_m_n = torch.where(torch.isneginf(m_n), torch.zeros_like(m_n), m_n)
+        u_nc = _scaled_shifted(chunk_nc, safe_m_n, temperature, dtype)
+        e_nc = torch.exp(u_nc)
+        stats_kn5[k, :, MAX] = m_n
+        stats_kn5[k, :, SUMEXP] = e_nc.sum(dim=-1)
+        # e * u with exp(-inf) * -inf read as 0: clamp u to a finite floor first.
+        stats_kn5[k, :, XLOGX] = u_nc.clamp_(min=floor).mul_(e_nc).sum(dim=-1)
+        del u_nc, e_nc
+    stats_n5 = merge_row_stats(stats_kn5, temperature)
+    local_n = targets_n.long() - vocab_start
+    owner_n = (local_n >= 0) & (local_n < vocab)
+    safe_local_n = torch.where(owner_n, local_n, torch.zeros_like(local_n))
+    if vocab > 0:
+        target_n = logits_nv.gather(1, safe_local_n[:, None])[:, 0].to(dtype)
+        stats_n5[:, TARGET] = torch.where(owner_n, target_n, torch.zeros_like(target_n))
+    stats_n5[:, OWNER] = owner_n.to(dtype)
+    return stats_n5
+
+
+def logprobs_backward(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    vocab_start: int,
+    temperature: float,
+    max_n: torch.Tensor,
+    logsumexp_n: torch.Tensor,
+    grad_logp_n: torch.Tensor | None,
+    entropy_n: torch.Tensor | None = None,
+    grad_entropy_n: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``grad_logits [N, V]`` (logits' dtype) from the saved row max and log-sum-exp, chunked.
+
+    ``d logp / d z_j = (1[j = target] - p_j) / T`` and
+    ``d entropy / d z_j = -p_j (log p_j + entropy) / T``.
+    """
+    n_rows, vocab = logits_nv.shape
+    dtype = compute_dtype(logits_nv.dtype)
+    dead_n = torch.isneginf(logsumexp_n)
+    zeros_n = torch.zeros(n_rows, dtype=dtype, device=logits_nv.device)
+    safe_m_n = torch.where(dead_n, zeros_n, max_n.to(dtype))
+    safe_lse_n = torch.where(dead_n, zeros_n, logsumexp_n.to(dtype))
+    g_n = zeros_n if grad_logp_n is None else torch.where(dead_n, zeros_n, grad_logp_n.to(dtype))
+    with_entropy = grad_entropy_n is not None
+    if with_entropy:
+        gh_n = torch.where(dead_n, zeros_n, grad_entropy_n.to(dtype))
+        h_n = torch.where(dead_n, zeros_n, entropy_n.to(dtype))
+    local_n = targets_n.long() - vocab_start
+    grad_nv = torch.empty_like(logits_nv)
+    cols = chunk_columns(n_rows, vocab, chunk_size)
+    floor = torch.finfo(dtype).min
+    for c0 in range(0, vocab, cols):
+        logq_nc = _scaled_shifted(logits_nv[:, c0 : c0 + cols], safe_m_n, temperature, dtype)
+        logq_nc.sub_(safe_lse_n[:, None])  # log p_j
+        p_nc = torch.exp(logq_nc)
+        if with_entropy:
+            logq_nc.clamp_(min=floor).add_(h_n[:, None]).mul_(p_nc).mul_(gh_n[:, None])
+            gz_nc = logq_nc.neg_()
+            gz_nc.sub_(p_nc.mul_(g_n[:, None]))
+        else:
+            del logq_nc
+            gz_nc = p_nc.mul_(-g_n[:, None])
+        in_chunk_n = (local_n >= c0) & (local_n < c0 + gz_nc.shape[1])
+        rows_r = in_chunk_n.nonzero()[:, 0]
+        gz_nc[rows_r, local_n[rows_r] - c0] += g_n[rows_r]
+        if temperature != 1.0:
+            gz_nc.div_(temperature)
+        grad_nv[:, c0 : c0 + cols] = gz_nc
+        del gz_nc, p_nc
+    return grad_nv
+
+
+def logprobs_eager(
+    logits_nv: torch.Tensor,
+    targets_n: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """``log_softmax(logits / T).gather(targets)`` in the logits' own dtype (autograd-able)."""
+    logq_nv = torch.log_softmax(logits_nv / temperature, dim=-1)
+    logp_n = logq_nv.gather(-1, targets_n.long()[..., None])[..., 0]
+    if not return_entropy:
+        return logp_n
+    entropy_n = -(logq_nv.exp() * logq_nv.nan_to_num(neginf=0.0)).sum(-1)
+    return logp_n, entropy_n
+
+
+def sequence_log_weights(
+    log_ratio_n: torch.Tensor, valid_n: torch.Tensor, seq_n: torch.Tensor, num_sequences: int
+):
+    """GSPO's per-sequence log weight, the masked mean of ``logp - old``: ``(logw_s, count_s)``."""
+    count_s = torch.zeros(num_sequences, dtype=log_ratio_n.dtype, device=log_ratio_n.device)
+    count_s = count_s.index_add(0, seq_n, valid_n.to(log_ratio_n.dtype))
+    total_s = torch.zeros_like(count_s).index_add(0, seq_n, log_ratio_n)
+    return total_s / count_s.clamp(min=1.0), count_s
+
+
+def grpo_loss_reference(
+    logp_n,
+    old_logp_n,
+    ref_logp_n,
+    advantages_n,
+    valid_n,
+    spec: GRPOLossSpec,
+    sampler_logp_n=None,
+    seq_n=None,
+    num_sequences: int = 0,
+):
+    """Per-token GRPO loss (zero on masked tokens) and its metrics, TRL semantics, autograd.
+
+    Only ``logp_n`` is differentiated; the other inputs are constants (as in TRL, which computes
+    them without gradient). Masked tokens may hold any value (even -inf): they are replaced by
+    zeros before any arithmetic, so they can neither poison the values nor the gradient.
+    Returns ``(loss_n, metrics)`` with ``metrics = (clip_low, clip_high, clip_region, kl_mean)``,
+    0-dim tensors (``kl_mean`` is None without ``ref_logp_n``).
+    """
+    zeros_n = torch.zeros_like(logp_n)
+
+    def clean(x_n):
+        return torch.where(valid_n, x_n.detach().to(logp_n.dtype), zeros_n)
+
+    lp_n = torch.where(valid_n, logp_n, zeros_n)
+    old_n = lp_n.detach() if old_logp_n is None else clean(old_logp_n)
+    adv_n = clean(advantages_n)
+    log_ratio_n = lp_n - old_n
+    if spec.importance_sampling_level == "token":
+        logw_n = log_ratio_n
+    else:
+        logw_s, count_s = sequence_log_weights(log_ratio_n, valid_n, seq_n, num_sequences)
+        if spec.importance_sampling_level == "sequence":
+            logw_n = logw_s[seq_n]
+        else:  # "sequence_token": GSPO-token, sg[s_i] * pi_t / sg[pi_t]
+            logw_n = lp_n - lp_n.detach() + logw_s.detach()[seq_n]
+    ratio_n = torch.exp(logw_n)
+    coef2_n = torch.clamp(ratio_n, 1 - spec.epsilon_low, 1 + spec.epsilon_high)
+    coef1_n = ratio_n if spec.delta is None else torch.clamp(ratio_n, max=spec.delta)
+    loss_n = -torch.min(coef1_n * adv_n, coef2_n * adv_n)
+    if sampler_logp_n is not None:
+        tis_n = torch.exp(old_n - clean(sampler_logp_n))
+        if spec.tis_cap is not None:
+            tis_n = torch.clamp(tis_n, max=spec.tis_cap)
+        loss_n = loss_n * tis_n
+    kl_n = None
+    if ref_logp_n is not None:
+        diff_n = clean(ref_logp_n) - lp_n
+        kl_n = torch.exp(diff_n) - diff_n - 1
+        if spec.beta != 0.0:
+            loss_n = loss_n + spec.beta * kl_n
+    loss_n = torch.where(valid_n, loss_n, zeros_n)
+
+    with torch.no_grad():
+        valid_f = valid_n.to(logp_n.dtype)
+        low_n = (coef1_n < 1 - spec.epsilon_low) & (adv_n < 0)
+        high_n = (coef1_n > 1 + spec.epsilon_high) & (adv_n > 0)
+        if spec.importance_sampling_level == "token":
+            weight_n, denom = valid_f, valid_f.sum().clamp(min=1.0)
+        else:  # TRL averages sequence-level clip indicators over sequences
+            weight_n = valid_f / count_s.clamp(min=1.0)[seq_n]
+            denom = torch.tensor(float(max(num_sequences, 1)), dtype=logp_n.dtype)
+        metrics = tuple(
+            (weight_n * ind_n.to(logp_n.dtype)).sum() / denom
+            for ind_n in (low_n, high_n, low_n | high_n)
+        )
+        kl_mean = None if kl_n is None else (valid_f * kl_n).sum() / valid_f.sum().clamp(min=1.0)
+    return loss_n, (*metrics, kl_mean)
