@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from megagrpo.demo.tiny_models import TINY_CONFIGS, save_tiny_checkpoint
+import torch
+
+# Triton fixes interpreter mode when it is first imported (transformers and megatron-core import
+# it): on a machine without CUDA the kernels run in the interpreter, so set it before anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from megagrpo.demo.tiny_models import TINY_CONFIGS, save_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
