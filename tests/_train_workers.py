@@ -94,3 +94,51 @@ def _fresh(hf_dir, arch, groups):
     ddp = wrap_ddp(chunks, par)
     opt = build_optimizer(ddp, OptimizerSettings(learning_rate=1e-2, weight_decay=0.01), par)
     return chunks, ddp, opt
+
+
+def update_worker(hf_dir, tp, pp, batch, loss_type_name, settings, need_old):
+    """One GRPO update through megatron's schedules; returns DP-reduced metrics and gradients
+    (full tensors, re-assembled over TP) of a few parameters, from the last stage."""
+    import torch.distributed as dist
+
+    from megagrpo.algorithms.loss_aggregation import get_loss_type
+    from megagrpo.training.batch import make_micro_batches
+    from megagrpo.training.logprob_pass import fill_logprobs
+    from megagrpo.training.loop import batch_context
+    from megagrpo.training.policy_update import grpo_update, reduce_metrics
+
+    arch, groups, chunks, ddp, opt = _setup(hf_dir, tp, pp)
+
+    class _Run:  # what batch_context reads
+        pass
+
+    run = _Run()
+    run.groups, run.device = groups, torch.device("cpu")
+    run.recipe = type("R", (), {"training": type("T", (), {"max_completion_length": 8})()})()
+    mbs = make_micro_batches(batch, 2, pad_token_id=0)
+    ctx = batch_context(run, mbs)
+    if need_old:
+        fill_logprobs(ddp, mbs, groups, temperature=settings.temperature, field="old_logp_bl")
+    for m in ddp:
+        m.zero_grad_buffer()
+    loss_type = get_loss_type(loss_type_name)
+    sums = grpo_update(ddp, mbs, groups, settings, loss_type, ctx)
+    for m in ddp:
+        m.finish_grad_sync()
+    metrics = reduce_metrics(sums, groups, len(mbs), loss_type)
+    grads = {}
+    for c, m in zip(chunks, ddp):
+        for name, p in c.named_parameters():
+            if name.endswith(("final_layernorm.weight", "linear_proj.weight", "linear_fc2.weight")):
+                g = p.main_grad.clone()
+                if name.endswith(("linear_proj.weight", "linear_fc2.weight")) and tp > 1:
+                    parts = [torch.empty_like(g) for _ in range(tp)]
+                    dist.all_gather(parts, g, group=groups.tp)
+                    g = torch.cat(parts, dim=1)
+                layer = (
+                    c.decoder.layers[int(name.split(".")[2])].layer_number - 1
+                    if name.startswith("decoder.layers")
+                    else None
+                )
+                grads[name if layer is None else f"{layer}:{name.split('.', 3)[3]}"] = g
+    return {"metrics": metrics, "grads": grads, "pp_rank": groups.pp_rank}
