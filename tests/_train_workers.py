@@ -127,7 +127,7 @@ def update_worker(hf_dir, tp, pp, batch, loss_type_name, settings, need_old):
         m.finish_grad_sync()
     metrics = reduce_metrics(sums, groups, len(mbs), loss_type)
     grads = {}
-    for c, m in zip(chunks, ddp):
+    for c in chunks:
         for name, p in c.named_parameters():
             if name.endswith(("final_layernorm.weight", "linear_proj.weight", "linear_fc2.weight")):
                 g = p.main_grad.clone()
