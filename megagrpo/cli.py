@@ -103,6 +103,8 @@ def _cmd_train(args, rest: list[str]) -> int:
     if args.dry_run:
         from megagrpo.planning.memory import GIB, estimate_memory
 
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 prints the plan
+            return 0
         print("# resolved recipe")
         print(dump_recipe(recipe))
         print(

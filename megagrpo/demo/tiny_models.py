@@ -23,6 +23,15 @@ _COMMON = dict(
     rms_norm_eps=1e-6,
 )
 TINY_CONFIGS: dict[str, dict] = {
+    # the demo's model: a little wider, so it can learn additions in a few CPU minutes
+    "qwen2-demo": dict(
+        _COMMON,
+        model_type="qwen2",
+        hidden_size=128,
+        intermediate_size=384,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
     "qwen2": dict(_COMMON, model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=False),
     "qwen2-tied": dict(_COMMON, model_type="qwen2", rope_theta=10000.0, tie_word_embeddings=True),
     "qwen3": dict(
