@@ -116,6 +116,12 @@ def _is_correct_cached(content: str, gold: str) -> bool | None:
         return False
 
 
+def warm_up() -> None:
+    """Build math-verify's grammars and sympy's caches now rather than on the first real sample."""
+    is_correct("$\\frac{1}{2}$", "0.5")
+    _is_correct_cached.cache_clear()
+
+
 def accuracy_reward(completions, solution=None, **columns) -> list[float | None]:
     """1.0 if the completion's answer equals ``solution``, 0.0 if not, None if unscorable."""
     golds = column({"solution": solution}, "solution", len(completions), "accuracy")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: registry name -> (metric name, dotted path, factory kwargs from script args or None, combine).
@@ -61,6 +61,10 @@ _BUILTINS: dict[str, tuple[str, str, Any, str | None]] = {
         None,
     ),
 }
+
+#: The built-ins that verify the answer with math-verify (one hang group).
+_VERIFIES = ("accuracy", "cosine", "length")
+MATH_VERIFY_GROUP = "math_verify"
 
 #: The seed's and open-r1's function names, accepted in reward_funcs.
 ALIASES = {
@@ -113,7 +117,11 @@ class RewardFunction:
     combine: str | None = None
     """``pkg.module:fn(values, columns, group_size) -> list`` turning the per-sample values of
     ``target`` into the final rewards with knowledge of the whole group (Kimi's len reward)."""
-    metadata: dict = field(default_factory=dict, compare=False)
+    hang_group: str | None = None
+    """Functions of one hang group run the same expensive step on a sample (the built-in
+    accuracy, cosine and length all verify the answer with math-verify): when one of them times
+    out or crashes on a sample, the pool gives the group's other calls on that sample the same
+    fate instead of running them into the same wall."""
 
     def load(self):
         """The scoring callable (built once per process)."""
@@ -158,12 +166,15 @@ def reward_function(entry: str, script_args=None, weight: float = 1.0) -> Reward
 
                 script_args = GRPOScriptArguments()
             kwargs = kwargs_of(script_args)
-        fn = RewardFunction(name, target, kwargs, float(weight), combine)
+        group = MATH_VERIFY_GROUP if key in _VERIFIES else None
+        fn = RewardFunction(name, target, kwargs, float(weight), combine, group)
     elif ":" in entry or "." in entry:
         obj = import_dotted(entry)
         if not callable(obj):
             raise ValueError(f"reward_funcs entry {entry!r} is not callable")
-        fn = RewardFunction(getattr(obj, "__name__", entry.rpartition(":")[2]), entry, None, weight)
+        fn = RewardFunction(
+            getattr(obj, "__name__", entry.rpartition(":")[2]), entry, None, float(weight)
+        )
     else:
         from megagrpo.config.script_args import REWARD_FUNCS
 
