@@ -124,7 +124,9 @@ def score_serial(functions, completions, columns: dict, num_generations: int | N
             statuses, vals, err = check_value(call(list(completions), **columns), n)
             if err:
                 raise ValueError(err)
-        except Exception:  # noqa: BLE001 - retried per sample to find the culprit
+        except Exception as e:  # noqa: BLE001 - retried per sample to find the culprit
+            if len(messages) < MAX_ERROR_MESSAGES:
+                messages.append(f"{fn.name} on the whole batch: {e}; retried sample by sample")
             statuses, vals = [], []
             for i in range(n):
                 st, v, err = call_one(call, completions[i], rows[i])
