@@ -1,6 +1,6 @@
 """Custom reward functions for the reward tests, imported by dotted path in spawned workers.
 
-``adversarial`` misbehaves according to the completion's text: SLEEP hangs forever, EXIT kills
+``adversarial`` misbehaves according to the completion's text: SLEEP hangs forever, SPAWN starts a ``sleep`` process then hangs, EXIT kills
 its own process with ``os._exit``, SEGV dereferences NULL through ctypes, RAISE raises, ALLOC
 asks for 64 GiB; any other text scores its length in characters.
 """
@@ -17,6 +17,14 @@ from megagrpo.rewards.inputs import completion_texts
 def adversarial(completions, **columns):
     out = []
     for text in completion_texts(completions):
+        if "SPAWN" in text:  # start a grandchild, then hang
+            import subprocess
+
+            child = subprocess.Popen(["sleep", "1000"])
+            with open(columns["pidfile"][0], "w") as f:
+                f.write(str(child.pid))
+            while True:
+                time.sleep(3600)
         if "SLEEP" in text:
             while True:
                 time.sleep(3600)

@@ -97,6 +97,19 @@ def test_sleep_forever_is_killed(pool):
     assert scores.timeouts == 1 and scores.restarts == 1
 
 
+def test_a_timeout_also_kills_what_the_function_started(pool, tmp_path):
+    texts = [OK, "SPAWN"]
+    pidfile = str(tmp_path / "grandchild.pid")
+    columns = {"solution": ["42", "42"], "pidfile": [pidfile, pidfile]}
+    scores = pool.score(texts, columns)
+    assert scores.status_nk[1].tolist() == [SCORED, SCORED, TIMEOUT]
+    grandchild = int(open(pidfile).read())
+    deadline = time.monotonic() + 2.0  # reaped by init once killed
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(grandchild)
+
+
 def test_exit_and_segfault_are_crashes(pool):
     texts = [OK, "EXIT", WRONG, OK, "SEGV " + OK, WRONG]
     before = set(pool.pids())

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
+import signal
 import time
 import weakref
 from collections import deque
@@ -111,12 +113,19 @@ class _Worker:
         self.task: _Task | None = None
 
     def stop(self, graceful: bool) -> None:
+        """Stop the worker and everything it started (its process group), then reap it."""
         if graceful and self.proc.is_alive():
             try:
                 self.conn.send(None)
+                wait([self.proc.sentinel], 2.0)
             except (OSError, ValueError):
                 pass
-            self.proc.join(2.0)
+        # Until it is reaped, the worker (even as a zombie) keeps its pid and process group, so
+        # the group kill cannot reach an unrelated process that reused the pid.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join()
@@ -210,9 +219,19 @@ class RewardPool:
         every = tuple(range(k))
         for s in range(0, n, chunk):
             batch.queue.append([(i, every) for i in range(s, min(n, s + chunk))])
-        while batch.queue or any(w.task is not None for w in self._workers):
-            self._dispatch(batch)
-            self._step(batch)
+        try:
+            while batch.queue or any(w.task is not None for w in self._workers):
+                self._dispatch(batch)
+                self._step(batch)
+        except BaseException:
+            # Interrupted (Ctrl-C, an error raised here): workers still busy with this batch
+            # would answer into the next one, so they are replaced.
+            if not self.closed:
+                for idx, w in enumerate(self._workers):
+                    if w.task is not None:
+                        w.task = None
+                        self._replace(idx, None, CRASH)
+            raise
         apply_combine(self.functions, batch.values, batch.status, columns, num_generations,
                       batch.messages)
         self.total_restarts += batch.restarts
@@ -333,9 +352,7 @@ class RewardPool:
     def _replace(self, idx: int, batch: _Batch | None, blame: int) -> None:
         """Kill worker ``idx`` (if alive), keep its finished calls, requeue the rest, respawn."""
         w = self._workers[idx]
-        if w.proc.is_alive():
-            w.proc.kill()
-        w.proc.join()
+        w.stop(graceful=False)
         if not w.ready:
             self._startup_failures += 1
             if self._startup_failures > 3:
@@ -345,7 +362,6 @@ class RewardPool:
                 )
         if w.task is not None and batch is not None:
             self._requeue(batch, self._harvest(w, batch, blame), blamed=w.progress[BUSY] == 1.0)
-        w.conn.close()
         self._workers[idx] = _Worker(self._ctx, self.functions, self.config)
         if batch is not None:
             batch.restarts += 1

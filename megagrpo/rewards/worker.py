@@ -35,6 +35,7 @@ def _limit_memory(limit_bytes: int | None) -> None:
 
 def worker_main(conn, functions, progress, values, status, math_timeout, memory_limit) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    os.setpgid(0, 0)  # own process group: a kill also takes whatever a reward function started
     try:
         from megagrpo.rewards.math_accuracy import configure_math_timeout
 
