@@ -1,8 +1,9 @@
 """Custom reward functions for the reward tests, imported by dotted path in spawned workers.
 
-``adversarial`` misbehaves according to the completion's text: SLEEP hangs forever, SPAWN starts a ``sleep`` process then hangs, EXIT kills
-its own process with ``os._exit``, SEGV dereferences NULL through ctypes, RAISE raises, ALLOC
-asks for 64 GiB; any other text scores its length in characters.
+``adversarial`` misbehaves according to the completion's text: SLEEP hangs forever, SPAWN
+starts a ``sleep`` process then hangs, EXIT kills its own process with ``os._exit``, SEGV
+dereferences NULL through ctypes, RAISE raises, ALLOC asks for 64 GiB; any other text scores its
+length in characters.
 """
 
 from __future__ import annotations

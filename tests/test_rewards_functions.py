@@ -69,10 +69,17 @@ def test_accuracy_gold_is_the_first_argument_of_verify():
 
 def test_accuracy_inputs():
     # plain strings, chat messages, the last of several messages, None content
-    msgs = [{"role": "assistant", "content": "draft"}, {"role": "assistant", "content": "$\\boxed{7}$"}]
-    got = accuracy_reward(["$\\boxed{7}$", chat("$\\boxed{7}$"), msgs, chat(None)], solution=["7"] * 4)
+    msgs = [
+        {"role": "assistant", "content": "draft"},
+        {"role": "assistant", "content": "$\\boxed{7}$"},
+    ]
+    got = accuracy_reward(
+        ["$\\boxed{7}$", chat("$\\boxed{7}$"), msgs, chat(None)], solution=["7"] * 4
+    )
     assert got == [1.0, 1.0, 1.0, 0.0]
-    assert accuracy_reward(["$\\boxed{7}$"], solution=[7]) == [1.0]  # a numeric gold is read as text
+    assert accuracy_reward(["$\\boxed{7}$"], solution=[7]) == [
+        1.0
+    ]  # a numeric gold is read as text
     with pytest.raises(ValueError, match="needs the dataset column 'solution'"):
         accuracy_reward(["x"])
     with pytest.raises(ValueError, match="'solution' has 1 entries for 2 completions"):
@@ -192,7 +199,10 @@ def test_len_hand_computed():
     assert len_from_correctness([], []) == []
     # two groups of two: min/max per prompt (Kimi), not over the batch
     assert len_from_correctness([1.0, 1.0, 1.0, 0.0], [10, 20, 100, 300], group_size=2) == [
-        0.5, -0.5, 0.5, -0.5
+        0.5,
+        -0.5,
+        0.5,
+        -0.5,
     ]
     assert len_from_correctness([1.0, 1.0, 1.0, 0.0], [10, 20, 100, 300]) == pytest.approx(
         [0.5, 0.5 - 10 / 290, 0.5 - 90 / 290, min(0.0, 0.5 - 290 / 290)]
@@ -261,7 +271,9 @@ def test_soft_overlong_hand_computed(lmax, cache, tokens, expected):
 
 
 def test_soft_overlong_errors():
-    with pytest.raises(ValueError, match=r"soft_punish_cache=10 must be in \[0, max_completion_len=10\)"):
+    with pytest.raises(
+        ValueError, match=r"soft_punish_cache=10 must be in \[0, max_completion_len=10\)"
+    ):
         get_soft_overlong_punishment(10, 10)
     with pytest.raises(ValueError, match="needs the dataset column 'completion_ids'"):
         get_soft_overlong_punishment(10, 4)(["x"])

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megagrpo.config.script_args import REWARD_FUNCS, GRPOScriptArguments
-from megagrpo.rewards.calls import CRASH, ERROR, NONE, SCORED, TIMEOUT
+from megagrpo.rewards.calls import CRASH, ERROR, SCORED, TIMEOUT
 from megagrpo.rewards.pool import RewardPool, RewardPoolConfig
 from megagrpo.rewards.registry import RewardFunction, build_reward_functions, reward_function
 from megagrpo.rewards.scores import score_serial
@@ -47,8 +47,9 @@ def pool():
         reward_function("_reward_fns:adversarial"),
     ]
     # math-verify's own alarm (5 s) is longer than the pool's limit: the kill must do the work.
-    config = RewardPoolConfig(num_workers=2, timeout_seconds=TIMEOUT_S, math_timeout_seconds=5,
-                              memory_limit_mb=4096)
+    config = RewardPoolConfig(
+        num_workers=2, timeout_seconds=TIMEOUT_S, math_timeout_seconds=5, memory_limit_mb=4096
+    )
     with RewardPool(fns, config) as p:
         p.wait_ready()
         yield p
@@ -133,8 +134,9 @@ def test_raise_and_out_of_memory_are_errors_without_restart(pool):
     assert scores.status_nk[2].tolist() == [SCORED, SCORED, ERROR]
     _check_intact(scores, texts, skip={1, 2})
     assert (scores.errors, scores.restarts) == (2, 0)
-    assert any("RuntimeError: adversarial reward raised on purpose" in m
-               for m in scores.error_messages)
+    assert any(
+        "RuntimeError: adversarial reward raised on purpose" in m for m in scores.error_messages
+    )
     assert any("MemoryError" in m for m in scores.error_messages)
 
 
@@ -146,11 +148,20 @@ def test_pool_keeps_serving_a_large_batch_in_order(pool):
 
 
 def test_pool_equals_serial_with_every_builtin():
-    fns = build_reward_functions(GRPOScriptArguments(reward_funcs=list(REWARD_FUNCS),
-                                                     max_completion_len=40, soft_punish_cache=20))
+    fns = build_reward_functions(
+        GRPOScriptArguments(
+            reward_funcs=list(REWARD_FUNCS), max_completion_len=40, soft_punish_cache=20
+        )
+    )
     texts, golds, ids = [], [], []
-    forms = [OK, WRONG, "1. a\n2. b\n$\\boxed{0.5}$", "", "the the the the $\\boxed{42}$",
-             "<think>\nx\n</think>\n<answer>\n$\\boxed{\\frac{1}{2}}$\n</answer>\nextra"]
+    forms = [
+        OK,
+        WRONG,
+        "1. a\n2. b\n$\\boxed{0.5}$",
+        "",
+        "the the the the $\\boxed{42}$",
+        "<think>\nx\n</think>\n<answer>\n$\\boxed{\\frac{1}{2}}$\n</answer>\nextra",
+    ]
     for i in range(48):
         texts.append([{"role": "assistant", "content": forms[i % len(forms)]}])
         golds.append(["42", "$\\frac{1}{2}$", "no gold"][(i // 4) % 3])
@@ -209,3 +220,17 @@ def test_math_verify_alarm_is_the_first_line_on_the_main_thread_only():
         assert got == [[1.0]]  # off the main thread: no signal use, no ValueError
     finally:
         configure_math_timeout(5)
+
+
+def test_pool_config_from_script_args_and_errors():
+    s = GRPOScriptArguments(num_reward_workers=3, reward_timeout_seconds=7.5)
+    c = RewardPoolConfig.from_script_args(s, max_chunk=8)
+    assert (c.num_workers, c.timeout_seconds, c.max_chunk, c.math_alarm) == (3, 7.5, 8, 2)
+    assert RewardPoolConfig(timeout_seconds=1.5).math_alarm == 1
+    assert RewardPoolConfig(math_timeout_seconds=0).math_alarm == 0
+    with pytest.raises(ValueError, match="num_workers=0 must be >= 1"):
+        RewardPoolConfig(num_workers=0)
+    with pytest.raises(ValueError, match="timeout_seconds=0 must be > 0"):
+        RewardPoolConfig(timeout_seconds=0)
+    with pytest.raises(ValueError, match="at least one reward function"):
+        RewardPool([])

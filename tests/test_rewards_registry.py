@@ -19,14 +19,26 @@ R1_OK = "<think>\nStep 1: 6*7.\n</think>\n<answer>\n$\\boxed{42}$\n</answer>"
 def test_every_recipe_name_and_alias_builds():
     fns = build_reward_functions(GRPOScriptArguments(reward_funcs=list(REWARD_FUNCS)))
     assert [f.name for f in fns] == [
-        "accuracy_reward", "format_reward", "tag_count_reward", "reasoning_steps_reward",
-        "cosine_scaled_reward", "repetition_penalty_reward", "len_reward",
+        "accuracy_reward",
+        "format_reward",
+        "tag_count_reward",
+        "reasoning_steps_reward",
+        "cosine_scaled_reward",
+        "repetition_penalty_reward",
+        "len_reward",
         "soft_overlong_punishment_reward",
     ]
     aliases = build_reward_functions(GRPOScriptArguments(reward_funcs=list(ALIASES)))
     assert [f.name for f in aliases] == [f.name for f in fns]
     assert [f.hang_group for f in fns] == [
-        "math_verify", None, None, None, "math_verify", None, "math_verify", None
+        "math_verify",
+        None,
+        None,
+        None,
+        "math_verify",
+        None,
+        "math_verify",
+        None,
     ]
 
 
@@ -34,8 +46,12 @@ def test_script_args_parameters_reach_the_factories():
     s = GRPOScriptArguments(
         reward_funcs=["cosine", "repetition_penalty", "soft_overlong_punishment"],
         reward_weights=[2.0, 0.5, 1.0],
-        cosine_max_len=10, cosine_min_value_correct=0.0, repetition_n_grams=1,
-        repetition_max_penalty=-2.0, max_completion_len=8, soft_punish_cache=4,
+        cosine_max_len=10,
+        cosine_min_value_correct=0.0,
+        repetition_n_grams=1,
+        repetition_max_penalty=-2.0,
+        max_completion_len=8,
+        soft_punish_cache=4,
     )
     cos, rep, over = build_reward_functions(s)
     assert (cos.weight, rep.weight, over.weight) == (2.0, 0.5, 1.0)
@@ -57,7 +73,11 @@ def test_custom_dotted_path():
 @pytest.mark.parametrize(
     "funcs,weights,match",
     [
-        (["accuracy", "nonsense"], None, "'nonsense' is not a reward function: choose from accuracy"),
+        (
+            ["accuracy", "nonsense"],
+            None,
+            "'nonsense' is not a reward function: choose from accuracy",
+        ),
         ([], None, "reward_funcs is empty"),
         (["accuracy", "accuracy_reward"], None, "name accuracy_reward more than once"),
         (["accuracy", "format"], [1.0], "reward_weights has 1 entries"),

@@ -65,9 +65,7 @@ def make_workload(samples: int, seed: int = 0, group: int = 8):
         for _ in range(group):
             if len(completions) == samples:
                 break
-            steps = " ".join(
-                rng.choice(_SENTENCES).format(**v) for _ in range(rng.randint(2, 40))
-            )
+            steps = " ".join(rng.choice(_SENTENCES).format(**v) for _ in range(rng.randint(2, 40)))
             answer = rng.choice(right if rng.random() < 0.5 else wrong).format(**v)
             shape = rng.random()
             if shape < 0.8:
@@ -94,8 +92,10 @@ def machine() -> str:
     except OSError:
         pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{model}; os.cpu_count()={os.cpu_count()}; Python {platform.python_version()}; "
-            f"{platform.system()} {platform.release()}; load average {load}")
+    return (
+        f"{model}; os.cpu_count()={os.cpu_count()}; Python {platform.python_version()}; "
+        f"{platform.system()} {platform.release()}; load average {load}"
+    )
 
 
 def main(argv=None) -> None:
@@ -130,23 +130,35 @@ def main(argv=None) -> None:
     with RewardPool(fns, config) as pool:
         pool.wait_ready()
         startup = time.perf_counter() - t
-        pooled = []
+        pooled, parent_cpu = [], []
         for _ in range(args.repeats):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             got = pool.score(completions, columns, num_generations=8)
             pooled.append(time.perf_counter() - t)
-    same = bool(((got.rewards_nk == ref.rewards_nk) | (got.rewards_nk.isnan()
-                                                       & ref.rewards_nk.isnan())).all())
+            parent_cpu.append(time.process_time() - c)
+    same = bool(
+        (
+            (got.rewards_nk == ref.rewards_nk) | (got.rewards_nk.isnan() & ref.rewards_nk.isnan())
+        ).all()
+    )
     n = len(completions)
     s_rate, p_rate = n / min(serial), n / min(pooled)
     mean_acc = float(ref.rewards_nk[:, 0].nanmean())
-    print(f"serial: best {min(serial):.2f} s, mean {statistics.mean(serial):.2f} s "
-          f"-> {s_rate:.0f} samples/s (mean {fns[0].name} = {mean_acc:.3f})")
-    print(f"pool W={args.workers}: startup {startup:.2f} s; best {min(pooled):.2f} s, mean "
-          f"{statistics.mean(pooled):.2f} s -> {p_rate:.0f} samples/s; timeouts {got.timeouts}, "
-          f"errors {got.errors}, crashes {got.crashes}")
-    print(f"speed-up pool/serial: {p_rate / s_rate:.2f}x with W={args.workers} "
-          f"(target >= {0.8 * args.workers:.1f}x = 0.8 x workers); scores identical: {same}")
+    print(
+        f"serial: best {min(serial):.2f} s, mean {statistics.mean(serial):.2f} s "
+        f"-> {s_rate:.0f} samples/s (mean {fns[0].name} = {mean_acc:.3f})"
+    )
+    print(
+        f"pool W={args.workers}: startup {startup:.2f} s; best {min(pooled):.2f} s, mean "
+        f"{statistics.mean(pooled):.2f} s -> {p_rate:.0f} samples/s; timeouts {got.timeouts}, "
+        f"errors {got.errors}, crashes {got.crashes}; parent CPU "
+        f"{min(parent_cpu):.2f} s per batch"
+    )
+    print(f"speed-up of the means: {statistics.mean(serial) / statistics.mean(pooled):.2f}x")
+    print(
+        f"speed-up pool/serial: {p_rate / s_rate:.2f}x with W={args.workers} "
+        f"(target >= {0.8 * args.workers:.1f}x = 0.8 x workers); scores identical: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Format rewards for the R1 conversation format ``<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>``.
+"""Format rewards for the R1 conversation format
+``<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>``.
 
 ``format_reward`` is strict where open-r1's is not: open-r1 matches with ``re.MULTILINE``, so its
 ``$`` accepts any line end and a completion with a second block (or any text) after the first

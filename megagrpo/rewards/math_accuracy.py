@@ -108,7 +108,9 @@ def _is_correct_cached(content: str, gold: str) -> bool | None:
             raise_on_error=True,
         )
         return bool(
-            verify(gold_parsed, answer_parsed, timeout_seconds=_alarm_seconds(), raise_on_error=True)
+            verify(
+                gold_parsed, answer_parsed, timeout_seconds=_alarm_seconds(), raise_on_error=True
+            )
         )
     except TimeoutException:
         return None

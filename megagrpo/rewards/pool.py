@@ -51,7 +51,8 @@ class RewardPoolConfig:
     """Most samples sent to a worker in one message (chunks shrink so every worker gets ~4)."""
     math_timeout_seconds: int | None = None
     """math-verify's in-worker ``signal.alarm`` per parse/verify, whole seconds; None: a third of
-    timeout_seconds (at least 1), so most runaway verifications end cheaply before the kill; 0: off."""
+    timeout_seconds (at least 1), so most runaway verifications end cheaply before the kill;
+    0: off."""
     memory_limit_mb: int | None = None
     """Address-space limit of each worker (RLIMIT_AS); a call that allocates past it raises
     MemoryError and scores NaN (ERROR). None: no limit (the OOM killer's kill counts as CRASH)."""
@@ -74,7 +75,8 @@ class RewardPoolConfig:
 
     @classmethod
     def from_script_args(cls, script_args, **overrides) -> RewardPoolConfig:
-        """The pool settings of a ``GRPOScriptArguments`` (num_reward_workers, reward_timeout_seconds)."""
+        """The pool settings of a ``GRPOScriptArguments``: num_reward_workers and
+        reward_timeout_seconds; ``overrides`` set other fields."""
         kw = dict(
             num_workers=script_args.num_reward_workers,
             timeout_seconds=script_args.reward_timeout_seconds,
@@ -101,8 +103,15 @@ class _Worker:
         memory = config.memory_limit_mb * 2**20 if config.memory_limit_mb else None
         self.proc = ctx.Process(
             target=worker_main,
-            args=(child, functions, self.progress, self.values, self.status,
-                  config.math_alarm, memory),
+            args=(
+                child,
+                functions,
+                self.progress,
+                self.values,
+                self.status,
+                config.math_alarm,
+                memory,
+            ),
             name="megagrpo-reward-worker",
             daemon=True,
         )
@@ -232,11 +241,18 @@ class RewardPool:
                         w.task = None
                         self._replace(idx, None, CRASH)
             raise
-        apply_combine(self.functions, batch.values, batch.status, columns, num_generations,
-                      batch.messages)
+        apply_combine(
+            self.functions, batch.values, batch.status, columns, num_generations, batch.messages
+        )
         self.total_restarts += batch.restarts
-        return make_scores(self.functions, batch.values, batch.status,
-                           time.perf_counter() - start, batch.restarts, batch.messages)
+        return make_scores(
+            self.functions,
+            batch.values,
+            batch.status,
+            time.perf_counter() - start,
+            batch.restarts,
+            batch.messages,
+        )
 
     def _check_open(self) -> None:
         if self.closed:
@@ -290,8 +306,11 @@ class RewardPool:
                     f"a reward worker did not start within {self.config.startup_timeout_seconds}"
                     " s (importing and building the reward functions)"
                 )
-            if (w.task is not None and w.progress[BUSY] == 1.0
-                    and now - w.progress[START] > self.config.timeout_seconds):
+            if (
+                w.task is not None
+                and w.progress[BUSY] == 1.0
+                and now - w.progress[START] > self.config.timeout_seconds
+            ):
                 self._replace(idx, batch, TIMEOUT)
 
     def _drain(self, w: _Worker, batch: _Batch | None) -> bool:
@@ -310,8 +329,9 @@ class RewardPool:
                     w.task = None
                 elif msg[0] == "fatal":
                     self.close()
-                    raise RuntimeError(f"a reward worker could not build the reward functions:\n"
-                                       f"{msg[1]}")
+                    raise RuntimeError(
+                        f"a reward worker could not build the reward functions:\n{msg[1]}"
+                    )
         except (EOFError, OSError):
             return True
         return False
@@ -331,12 +351,17 @@ class RewardPool:
                 if st != PENDING:
                     batch.record(i, k, st, w.values[pos * k_total + k])
                 elif (pos, k) == in_flight or (
-                    in_flight is not None and pos == in_flight[0] and group is not None
+                    in_flight is not None
+                    and pos == in_flight[0]
+                    and group is not None
                     and self.functions[k].hang_group == group
                 ):
                     batch.record(i, k, blame, math.nan)
-                    why = (f"timed out after {self.config.timeout_seconds} s" if blame == TIMEOUT
-                           else f"worker died (exit code {w.proc.exitcode})")
+                    why = (
+                        f"timed out after {self.config.timeout_seconds} s"
+                        if blame == TIMEOUT
+                        else f"worker died (exit code {w.proc.exitcode})"
+                    )
                     if (pos, k) != in_flight:
                         why += f" ({self.functions[in_flight[1]].name}, same hang group)"
                     batch.note(f"{self.functions[k].name} on sample {i}: {why}")

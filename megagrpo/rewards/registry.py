@@ -202,7 +202,9 @@ def build_reward_functions(script_args) -> list[RewardFunction]:
         )
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"reward_weights={list(weights)}: every weight must be a finite number")
+            raise ValueError(
+                f"reward_weights={list(weights)}: every weight must be a finite number"
+            )
     fns = [reward_function(e, script_args, w) for e, w in zip(entries, weights)]
     names = [f.name for f in fns]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -24,9 +24,7 @@ def get_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.0
     if isinstance(ngram_size, bool) or not isinstance(ngram_size, int) or ngram_size < 1:
         raise ValueError(f"repetition_n_grams={ngram_size!r} must be an integer >= 1")
     if not max_penalty <= 0:
-        raise ValueError(
-            f"repetition_max_penalty={max_penalty} must be <= 0 (it is a penalty)"
-        )
+        raise ValueError(f"repetition_max_penalty={max_penalty} must be <= 0 (it is a penalty)")
 
     def repetition_penalty_reward(completions, **columns) -> list[float]:
         return [

@@ -12,8 +12,16 @@ from dataclasses import dataclass, field
 import torch
 
 from megagrpo.algorithms.advantages import weighted_rewards
-from megagrpo.rewards.calls import CRASH, ERROR, NONE, SCORED, TIMEOUT, check_value, sample_rows
-from megagrpo.rewards.calls import call_one
+from megagrpo.rewards.calls import (
+    CRASH,
+    ERROR,
+    NONE,
+    SCORED,
+    TIMEOUT,
+    call_one,
+    check_value,
+    sample_rows,
+)
 
 
 @dataclass
@@ -103,7 +111,9 @@ def make_scores(functions, values_nk, status_nk, seconds, restarts, messages) ->
 def check_batch(completions, columns: dict, num_generations: int | None) -> list[dict]:
     n = len(completions)
     if num_generations is not None and (num_generations < 1 or n % num_generations):
-        raise ValueError(f"{n} completions are not whole groups of num_generations={num_generations}")
+        raise ValueError(
+            f"{n} completions are not whole groups of num_generations={num_generations}"
+        )
     return sample_rows(columns, n)
 
 
