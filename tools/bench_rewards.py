@@ -1,13 +1,17 @@
 """Samples per second of accuracy scoring: serial in one process against the reward pool.
 
-Workload: ``--samples`` (default 4096) R1-format completions generated deterministically from a
-seed: 512 problems x 8 generations (group-major), gold answers of the forms math datasets hold
+Workload: ``--samples`` (default 4096) R1-format completions generated deterministically (the
+seed is the repeat index): samples / 8 problems x 8 generations (group-major), gold answers of
+the forms math datasets hold
 (integers, negatives, decimals, fractions, roots, pi, percentages, sets, intervals, expressions),
 completions of 2-40 reasoning sentences with a ``\\boxed{}`` answer inside ``<answer>`` that is
 right about half the time, written in a different but equivalent form now and then (0.5 for
 1/2), sometimes unboxed ``$...$``, sometimes missing. Serial: ``score_serial`` (each function on
 the whole batch, the way TRL calls it). Pool: ``RewardPool`` with W = os.cpu_count() workers,
-timed after the workers are up (startup is reported apart). Each side runs ``--repeats`` times.
+timed after the workers are up (startup is reported apart). The two sides alternate
+``--repeats`` times (the machine may be shared: both see the same load); besides wall time the
+CPU seconds per sample of each side are reported (workers' from /proc), whose ratio is the speed-up
+W free cores would give.
 
     python tools/bench_rewards.py [--samples 4096] [--workers W] [--repeats 2] [--funcs accuracy]
 """
@@ -114,51 +118,69 @@ def main(argv=None) -> None:
     from megagrpo.rewards.scores import score_serial
 
     fns = build_reward_functions(GRPOScriptArguments(reward_funcs=args.funcs.split(",")))
-    completions, solutions, ids = make_workload(args.samples)
-    columns = {"solution": solutions, "completion_ids": ids}
     print(f"machine: {machine()}")
-    print(f"workload: {len(completions)} completions, functions {[f.name for f in fns]}")
+    print(f"workload: {args.samples} completions, functions {[f.name for f in fns]}")
 
     warm_up()
-    serial = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        ref = score_serial(fns, completions, columns, num_generations=8)
-        serial.append(time.perf_counter() - t)
-    t = time.perf_counter()
     config = RewardPoolConfig(num_workers=args.workers, timeout_seconds=args.timeout)
+    t = time.perf_counter()
+    serial, serial_cpu, pooled, pool_cpu = [], [], [], []
     with RewardPool(fns, config) as pool:
         pool.wait_ready()
         startup = time.perf_counter() - t
-        pooled, parent_cpu = [], []
-        for _ in range(args.repeats):
+        # Interleaved so that both sides see the same load on a shared machine.
+        for rep in range(args.repeats):
+            # A fresh workload per repeat: no side may answer from a cache of the previous one.
+            completions, solutions, ids = make_workload(args.samples, seed=rep)
+            columns = {"solution": solutions, "completion_ids": ids}
             t, c = time.perf_counter(), time.process_time()
+            ref = score_serial(fns, completions, columns, num_generations=8)
+            serial.append(time.perf_counter() - t)
+            serial_cpu.append(time.process_time() - c)
+            t, c, w = time.perf_counter(), time.process_time(), _cpu_seconds(pool.pids())
             got = pool.score(completions, columns, num_generations=8)
             pooled.append(time.perf_counter() - t)
-            parent_cpu.append(time.process_time() - c)
+            pool_cpu.append(time.process_time() - c + _cpu_seconds(pool.pids()) - w)
     same = bool(
-        (
-            (got.rewards_nk == ref.rewards_nk) | (got.rewards_nk.isnan() & ref.rewards_nk.isnan())
-        ).all()
+        ((got.rewards_nk == ref.rewards_nk) | (got.rewards_nk.isnan() & ref.rewards_nk.isnan()))
+        .all()
+        .item()
     )
-    n = len(completions)
+    n = args.samples
     s_rate, p_rate = n / min(serial), n / min(pooled)
-    mean_acc = float(ref.rewards_nk[:, 0].nanmean())
     print(
-        f"serial: best {min(serial):.2f} s, mean {statistics.mean(serial):.2f} s "
-        f"-> {s_rate:.0f} samples/s (mean {fns[0].name} = {mean_acc:.3f})"
+        f"serial: best {min(serial):.2f} s, mean {statistics.mean(serial):.2f} s -> "
+        f"{s_rate:.0f} samples/s; CPU {1e3 * min(serial_cpu) / n:.3f} ms/sample "
+        f"(mean {fns[0].name} = {float(ref.rewards_nk[:, 0].nanmean()):.3f})"
     )
     print(
         f"pool W={args.workers}: startup {startup:.2f} s; best {min(pooled):.2f} s, mean "
-        f"{statistics.mean(pooled):.2f} s -> {p_rate:.0f} samples/s; timeouts {got.timeouts}, "
-        f"errors {got.errors}, crashes {got.crashes}; parent CPU "
-        f"{min(parent_cpu):.2f} s per batch"
+        f"{statistics.mean(pooled):.2f} s -> {p_rate:.0f} samples/s; CPU (workers + parent) "
+        f"{1e3 * min(pool_cpu) / n:.3f} ms/sample; timeouts {got.timeouts}, errors "
+        f"{got.errors}, crashes {got.crashes}, restarts {got.restarts}"
     )
-    print(f"speed-up of the means: {statistics.mean(serial) / statistics.mean(pooled):.2f}x")
     print(
-        f"speed-up pool/serial: {p_rate / s_rate:.2f}x with W={args.workers} "
-        f"(target >= {0.8 * args.workers:.1f}x = 0.8 x workers); scores identical: {same}"
+        f"speed-up pool/serial: {p_rate / s_rate:.2f}x best-of-{args.repeats}, "
+        f"{statistics.mean(serial) / statistics.mean(pooled):.2f}x of the means, with "
+        f"W={args.workers} (target >= {0.8 * args.workers:.1f}x = 0.8 x workers); CPU-time "
+        f"efficiency serial/pool {min(serial_cpu) / min(pool_cpu):.2f} (the speed-up W cores "
+        f"would give on an idle machine: {args.workers * min(serial_cpu) / min(pool_cpu):.2f}x); "
+        f"scores identical: {same}"
     )
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of live processes (Linux /proc), 0 for any that is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 if __name__ == "__main__":
