@@ -234,3 +234,17 @@ def test_pool_config_from_script_args_and_errors():
         RewardPoolConfig(timeout_seconds=0)
     with pytest.raises(ValueError, match="at least one reward function"):
         RewardPool([])
+
+
+def test_bench_rewards_runs_and_agrees(capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "bench_rewards.py")
+    spec = importlib.util.spec_from_file_location("bench_rewards", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a, b = bench.make_workload(16, seed=3), bench.make_workload(16, seed=3)
+    assert a == b and len(a[0]) == 16 and a != bench.make_workload(16, seed=4)
+    bench.main(["--samples", "48", "--workers", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "scores identical: True" in out and "machine:" in out

@@ -2,16 +2,15 @@
 
 Workload: ``--samples`` (default 4096) R1-format completions generated deterministically (the
 seed is the repeat index): samples / 8 problems x 8 generations (group-major), gold answers of
-the forms math datasets hold
-(integers, negatives, decimals, fractions, roots, pi, percentages, sets, intervals, expressions),
-completions of 2-40 reasoning sentences with a ``\\boxed{}`` answer inside ``<answer>`` that is
-right about half the time, written in a different but equivalent form now and then (0.5 for
-1/2), sometimes unboxed ``$...$``, sometimes missing. Serial: ``score_serial`` (each function on
-the whole batch, the way TRL calls it). Pool: ``RewardPool`` with W = os.cpu_count() workers,
-timed after the workers are up (startup is reported apart). The two sides alternate
-``--repeats`` times (the machine may be shared: both see the same load); besides wall time the
-CPU seconds per sample of each side are reported (workers' from /proc), whose ratio is the speed-up
-W free cores would give.
+the forms math datasets hold (integers, negatives, decimals, fractions, roots, pi, percentages,
+sets, intervals, expressions), completions of 2-40 reasoning sentences with a ``\\boxed{}``
+answer inside ``<answer>`` that is right about half the time, written in a different but
+equivalent form now and then (0.5 for 1/2), sometimes unboxed ``$...$``, sometimes missing.
+Serial: ``score_serial`` (each function on the whole batch, the way TRL calls it). Pool:
+``RewardPool`` with W = os.cpu_count() workers, timed after the workers are up (startup is
+reported apart). The two sides alternate ``--repeats`` times (the machine may be shared: both
+see the same load); besides wall time the CPU seconds per sample of each side are reported
+(workers' from /proc), whose ratio is the speed-up W free cores would give.
 
     python tools/bench_rewards.py [--samples 4096] [--workers W] [--repeats 2] [--funcs accuracy]
 """
