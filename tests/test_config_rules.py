@@ -84,6 +84,10 @@ def test_base_recipe_is_valid():
         (["--reward_funcs", "accuracy,code"], ["reward_funcs contains 'code'", "tag_count"]),
         (["--reward_funcs", "accuracy,accuracy"], ["reward_funcs names accuracy more than once"]),
         (
+            ["--reward_funcs", "accuracy,accuracy_reward"],
+            ["reward_funcs names accuracy more than once"],
+        ),
+        (
             ["--reward_weights", "1,2,3"],
             ["reward_weights has 3 entries [1.0, 2.0, 3.0]", "reward_funcs has 2"],
         ),
@@ -237,6 +241,10 @@ def test_fp8_passes_where_transformer_engine_is_importable(with_transformer_engi
     )
     with pytest.raises(ConfigError, match="fp8_recipe='mxfp8' is set but fp8=None"):
         validate_recipe(recipe("--fp8_recipe", "mxfp8"))
+
+
+def test_seed_names_and_custom_functions_are_valid_reward_funcs():
+    validate_recipe(recipe("--reward_funcs", "accuracy_reward,format_reward,my_pkg.rewards:fn"))
 
 
 def test_valid_combinations_pass():

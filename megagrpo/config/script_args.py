@@ -26,6 +26,18 @@ REWARD_FUNCS = (
     "soft_overlong_punishment",
 )
 
+#: The seed's and open-r1's function names, accepted in reward_funcs for the names above.
+REWARD_ALIASES = {
+    "accuracy_reward": "accuracy",
+    "format_reward": "format",
+    "tag_count_reward": "tag_count",
+    "reasoning_steps_reward": "reasoning_steps",
+    "cosine_scaled_reward": "cosine",
+    "repetition_penalty_reward": "repetition_penalty",
+    "len_reward": "length",
+    "soft_overlong_punishment_reward": "soft_overlong_punishment",
+}
+
 #: The R1 system prompt the seed's conversation format describes: reasoning in <think>, the final
 #: answer in <answer>.
 R1_SYSTEM_PROMPT = (

@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING
 
 from megagrpo.config.errors import ConfigError
-from megagrpo.config.script_args import REWARD_FUNCS
+from megagrpo.config.script_args import REWARD_ALIASES, REWARD_FUNCS
 from megagrpo.config.training import REPORT_TO
 
 if TYPE_CHECKING:
@@ -70,13 +70,16 @@ def _check_rewards(recipe: Recipe, errors: list[str]) -> None:
     s = recipe.script
     if not s.reward_funcs:
         errors.append("reward_funcs is empty: name at least one reward function")
-    for name in s.reward_funcs:
-        if name not in REWARD_FUNCS:
+    canonical = [REWARD_ALIASES.get(n, n) for n in s.reward_funcs]
+    for name in canonical:
+        if name not in REWARD_FUNCS and ":" not in name:
             errors.append(
                 f"reward_funcs contains {name!r}, which is not a megagrpo reward; choose from "
                 + ", ".join(REWARD_FUNCS)
+                + " (or the seed's names such as accuracy_reward), or give a custom function "
+                "as 'pkg.module:fn'"
             )
-    dupes = sorted({n for n in s.reward_funcs if s.reward_funcs.count(n) > 1})
+    dupes = sorted({n for n in canonical if canonical.count(n) > 1})
     if dupes:
         errors.append(f"reward_funcs names {', '.join(dupes)} more than once")
     if s.reward_weights is not None:

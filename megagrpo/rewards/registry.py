@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from megagrpo.config.script_args import REWARD_ALIASES
+
 #: registry name -> (metric name, dotted path, factory kwargs from script args or None, combine).
 #: The metric name is open-r1's function name, which TRL uses for ``rewards/<name>/mean``.
 _BUILTINS: dict[str, tuple[str, str, Any, str | None]] = {
@@ -67,16 +69,7 @@ _VERIFIES = ("accuracy", "cosine", "length")
 MATH_VERIFY_GROUP = "math_verify"
 
 #: The seed's and open-r1's function names, accepted in reward_funcs.
-ALIASES = {
-    "accuracy_reward": "accuracy",
-    "format_reward": "format",
-    "tag_count_reward": "tag_count",
-    "reasoning_steps_reward": "reasoning_steps",
-    "cosine_scaled_reward": "cosine",
-    "repetition_penalty_reward": "repetition_penalty",
-    "len_reward": "length",
-    "soft_overlong_punishment_reward": "soft_overlong_punishment",
-}
+ALIASES = REWARD_ALIASES
 
 _LOADED: dict[tuple, Any] = {}
 
