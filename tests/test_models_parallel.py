@@ -9,6 +9,7 @@ from _model_workers import hf_iter_worker, logits_worker, train_step_worker
 from _multiproc import run_ranks
 
 from megagrpo.conversion.convert import hf_to_megatron
+from megagrpo.demo.tokenizer import VOCAB_SIZE
 
 
 def _hf_model(hf_dir):
@@ -19,7 +20,7 @@ def _hf_model(hf_dir):
 
 def _batches(seed=0, n=2, shape=(2, 16)):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 105, shape, generator=g) for _ in range(n)]
+    return [torch.randint(0, VOCAB_SIZE, shape, generator=g) for _ in range(n)]
 
 
 def _only(results):
@@ -83,7 +84,7 @@ def test_backward_and_optimizer_step_change_every_parameter(name, tp, pp, tiny_c
     hf = _hf_model(hf_dir)
     ref = torch.stack(
         [
-            F.cross_entropy(hf(b).logits.reshape(-1, 105), y.reshape(-1))
+            F.cross_entropy(hf(b).logits.reshape(-1, VOCAB_SIZE), y.reshape(-1))
             for b, y in zip(batches, labels)
         ]
     ).mean()

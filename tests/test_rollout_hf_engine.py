@@ -23,7 +23,7 @@ def _hf_model(hf_dir):
 def _requests(seed, lengths, ids=None):
     g = torch.Generator().manual_seed(seed)
     return [
-        RolloutRequest(tuple(torch.randint(8, 105, (n,), generator=g).tolist()), request_id=f"r{i}")
+        RolloutRequest(tuple(torch.randint(8, 263, (n,), generator=g).tolist()), request_id=f"r{i}")
         for i, n in enumerate(lengths)
     ]
 
@@ -51,7 +51,7 @@ def test_fused_decoder_logits_equal_transformers(name, tiny_checkpoint):
     reqs = _requests(0, [5, 9, 3], None)
     steps = 6
     g = torch.Generator().manual_seed(1)
-    cont = torch.randint(8, 105, (3, steps), generator=g)
+    cont = torch.randint(8, 263, (3, steps), generator=g)
     ids, mask = _left_pad(reqs)
     p = ids.shape[1]
     cache = dec.new_cache(3, p + steps)
@@ -254,12 +254,12 @@ def test_bad_updates_and_inputs(qwen2):
     w = engine.model.model.embed_tokens.weight
     with pytest.raises(KeyError, match="no parameter 'model.embed.weight'"):
         engine.update_weights([("model.embed.weight", w)], 1)
-    with pytest.raises(ValueError, match=r"has shape \(105, 64\), the update \(64, 105\)"):
+    with pytest.raises(ValueError, match=r"has shape \(263, 64\), the update \(64, 263\)"):
         engine.update_weights([("model.embed_tokens.weight", w.t())], 1)
     with pytest.raises(ValueError, match="version must be an int >= 0"):
         engine.update_weights([], -1)
-    with pytest.raises(ValueError, match=r"'bad': token ids \[105\] are outside the vocabulary"):
-        engine.generate([RolloutRequest((1, 105), request_id="bad")], SamplingParams())
+    with pytest.raises(ValueError, match=r"'bad': token ids \[263\] are outside the vocabulary"):
+        engine.generate([RolloutRequest((1, 263), request_id="bad")], SamplingParams())
     with pytest.raises(ValueError, match="TransformersEngineConfig.dtype"):
         TransformersEngineConfig(dtype="float8")
     with pytest.raises(ValueError, match="TransformersEngineConfig.max_batch_size"):

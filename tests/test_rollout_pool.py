@@ -22,7 +22,7 @@ def _requests(seed, n):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, 16, (n,), generator=g).tolist()
     return [
-        RolloutRequest(tuple(torch.randint(8, 105, (k,), generator=g).tolist()), request_id=str(i))
+        RolloutRequest(tuple(torch.randint(8, 263, (k,), generator=g).tolist()), request_id=str(i))
         for i, k in enumerate(lengths)
     ]
 

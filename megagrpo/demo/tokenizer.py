@@ -1,17 +1,19 @@
-"""The embedded demo tokenizer: character-level, built locally, no model hub.
+"""The embedded demo tokenizer: byte-level, built locally, no model hub.
 
-One token per character of printable ASCII plus newline and tab, and single tokens for the chat
-and reasoning markers (``<|im_start|>``, ``<|im_end|>``, ``<think>``, ``</think>``, ``<answer>``,
-``</answer>``) so a tiny model can learn the seed's ``<think>/<answer>`` format quickly. It is a
-real ``PreTrainedTokenizerFast`` with a Qwen-style chat template, saved like any HF tokenizer.
+A byte-level BPE tokenizer (the scheme of GPT-2 and Qwen) with no merges: one token per byte,
+so any text encodes and decodes exactly, plus single tokens for the chat markers
+(``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``) and the reasoning tags (``<think>``,
+``</think>``, ``<answer>``, ``</answer>``), so a tiny model learns the seed's ``<think>/<answer>``
+format quickly. It is saved like any HF tokenizer and loads back identically through
+``AutoTokenizer`` also next to a Qwen2 ``config.json`` (transformers 5 then builds a
+``Qwen2Tokenizer``, whose own byte-level pre-tokenizer this scheme matches).
 """
 
 from __future__ import annotations
 
-import string
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MARKER_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+VOCAB_SIZE = len(SPECIAL_TOKENS) + len(MARKER_TOKENS) + 256
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -20,25 +22,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def _characters() -> list[str]:
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    return sorted(set(chars), key=chars.index)
-
-
 def build_demo_tokenizer():
-    """A fresh ``PreTrainedTokenizerFast`` (vocabulary: specials, markers, then characters)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A fresh ``PreTrainedTokenizerFast``: specials, tags, then the 256 byte symbols."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + MARKER_TOKENS + _characters())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + MARKER_TOKENS + byte_symbols)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>"],
     )
     fast.add_tokens(MARKER_TOKENS)

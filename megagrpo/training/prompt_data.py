@@ -23,7 +23,8 @@ class PromptData:
     sampler: PromptSampler
     prompts_per_step: int
     total_steps: int
-    reward_columns: list[str]
+    reward_columns: dict[str, str]
+    """Name a reward function reads (``solution``) -> the dataset column holding it."""
     skipped_long_prompts: int
 
 
@@ -39,11 +40,11 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
         test_raw = None
         if t.eval_strategy != "no":
             test_raw = load_source(s.dataset_name, s.dataset_config, s.dataset_test_split)
-    reward_columns = [s.dataset_solution_column] if s.dataset_solution_column else []
+    reward_columns = {"solution": s.dataset_solution_column} if s.dataset_solution_column else {}
     fmt = PromptFormat(
         prompt_column=s.dataset_prompt_column,
         system_prompt=t.system_prompt,
-        reward_columns=reward_columns,
+        reward_columns=list(reward_columns.values()),
         max_prompt_length=t.max_prompt_length,
         long_prompts=t.long_prompts,
     )

@@ -49,14 +49,16 @@ class RolloutDriver:
 
     @classmethod
     def create(cls, run) -> RolloutDriver:
-        from megagrpo.rewards.scorer import build_scorer
+        from megagrpo.rewards import RewardPool, RewardPoolConfig, build_reward_functions
 
-        t = run.recipe.training
+        t, script = run.recipe.training, run.recipe.script
         device = "cuda" if run.device.type == "cuda" else "cpu"
         engine = build_rollout_engine(rollout_config(t), run.model_dir, device=device)
         return cls(
             engine=engine,
-            scorer=build_scorer(run.recipe.script),
+            scorer=RewardPool(
+                build_reward_functions(script), RewardPoolConfig.from_script_args(script)
+            ),
             sampling=SamplingParams.from_config(t),
             data=run.data,
             tokenizer=run.tokenizer,

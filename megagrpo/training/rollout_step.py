@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megagrpo.algorithms.advantages import group_advantages, weighted_rewards
+from megagrpo.algorithms.advantages import group_advantages
 from megagrpo.training.batch import CompletionBatch
 
 
@@ -73,34 +73,24 @@ def completion_metrics(completion_ids, finish_reasons) -> dict[str, float]:
     }
 
 
-def reward_metrics(rewards_nk, names, total_n, stats) -> dict[str, float]:
-    """TRL's reward metrics: per function mean/std (NaN-aware), reward, reward_std,
-    frac_reward_zero_std."""
-    out = {}
-    for k, name in enumerate(names):
-        col = rewards_nk[:, k]
-        valid = col[~torch.isnan(col)]
-        out[f"rewards/{name}/mean"] = valid.mean().item() if len(valid) else float("nan")
-        out[f"rewards/{name}/std"] = valid.std().item() if len(valid) > 1 else 0.0
-    valid = total_n[~torch.isnan(total_n)]
-    out["reward"] = valid.mean().item() if len(valid) else float("nan")
-    out["reward_std"] = stats.group_std_n.mean().item()
-    out["frac_reward_zero_std"] = stats.frac_zero_std
-    return out
-
-
 def score_and_advantage(
     groups,
     rows,
     dataset,
     tokenizer,
     scorer,
-    reward_columns,
+    reward_columns: dict[str, str],
     num_generations: int,
     scale_rewards: str,
     step: int,
 ) -> StepData:
-    """Rank 0: decode, score and compute advantages for a generated batch."""
+    """Rank 0: decode, score and compute advantages for a generated batch.
+
+    ``reward_columns`` maps the name a reward function reads (``solution``) to the dataset
+    column that holds it (``dataset_solution_column``).
+    """
+    from megagrpo.rewards import reward_metrics
+
     samples = [s for g in groups for s in g]
     if any(len(g) != num_generations for g in groups):
         raise RuntimeError(
@@ -112,15 +102,15 @@ def score_and_advantage(
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     completions = [[{"role": "assistant", "content": t}] for t in texts]
     columns = {
-        c: [dataset[int(r)][c] for r in rows for _ in range(num_generations)]
-        for c in reward_columns
+        name: [dataset[int(r)][col] for r in rows for _ in range(num_generations)]
+        for name, col in reward_columns.items()
     }
-    scores = scorer.score(completions, columns, completion_ids)
-    total_n = weighted_rewards(scores.rewards_nk, scores.weights_k)
+    columns["completion_ids"] = completion_ids
+    scores = scorer.score(completions, columns, num_generations)
+    total_n = scores.total_n()
     stats = group_advantages(total_n, num_generations, scale_rewards)
-    metrics = reward_metrics(scores.rewards_nk, scores.names, total_n, stats)
+    metrics = reward_metrics(scores, num_generations)
     metrics.update(completion_metrics(completion_ids, [s.finish_reason for s in samples]))
-    metrics.update(scores.counters)
     metrics["time/scoring"] = time.perf_counter() - t0
     prompt_texts = tokenizer.batch_decode(
         [list(s.prompt_ids) for s in samples[::num_generations]], skip_special_tokens=False
