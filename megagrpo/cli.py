@@ -22,17 +22,30 @@ def _quiet_optional_dependency_warnings() -> None:
 
 
 def _cmd_demo(args) -> int:
-    from megagrpo.demo.foundation import run_foundation_demo
+    """GRPO on the embedded tiny demo (see megagrpo.demo.grpo_demo)."""
+    from megagrpo.demo.grpo_demo import demo_recipe, learning_summary
+    from megagrpo.training import build_run, train
 
     print(
-        "megagrpo demo: the GRPO training loop is not built yet; this runs the foundation that "
-        "exists (model conversion, megatron-core parity with transformers, optimizer steps).",
+        f"megagrpo demo: GRPO on small additions with a tiny model, outputs in {args.output_dir}",
         flush=True,
     )
-    result = run_foundation_demo(args.output_dir, steps=args.steps)
-    ok = result["bit_identical"] and result["logits_max_diff"] <= 1e-4
-    ok = ok and result["losses"][-1] < result["losses"][0]
-    return 0 if ok else 1
+    overrides = ["--max_steps", str(args.steps)] if args.steps else []
+    run = build_run(demo_recipe(args.output_dir, overrides))
+    history = train(run)
+    if run.groups.rank == 0:
+        s = learning_summary(history)
+        verdict = "learned" if s["reward_last"] > s["reward_first"] else "did NOT improve"
+        print(
+            f"reward: first 5 steps {s['reward_first']:.3f} -> last 5 steps "
+            f"{s['reward_last']:.3f} ({verdict}); accuracy {s['accuracy_first']:.3f} -> "
+            f"{s['accuracy_last']:.3f}"
+        )
+        print(
+            f"metrics: {run.recipe.training.output_dir}/metrics.jsonl, final model: "
+            f"{run.recipe.training.output_dir}/final_model"
+        )
+    return 0
 
 
 def _cmd_convert(args) -> int:
@@ -83,14 +96,27 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args, rest: list[str]) -> int:
-    """Load and validate the recipe and its layout; with --dry-run print the plan and stop."""
-    import os
-
-    from megagrpo.config import dump_recipe, load_recipe, validate_layout, validate_recipe
-    from megagrpo.models.known_configs import resolve_arch
+    """GRPO training from a recipe; with --dry-run print the plan and stop."""
+    from megagrpo.config import load_recipe, validate_recipe
 
     recipe = load_recipe(args.config, rest)
     validate_recipe(recipe)
+    if args.dry_run:
+        return _dry_run(recipe, args)
+    from megagrpo.training import build_run, train
+
+    train(build_run(recipe))
+    return 0
+
+
+def _dry_run(recipe, args) -> int:
+    """Resolved recipe, parallel layout and per-GPU memory estimate (printed by rank 0)."""
+    import os
+
+    from megagrpo.config import dump_recipe, validate_layout
+    from megagrpo.models.known_configs import resolve_arch
+    from megagrpo.planning.memory import GIB, estimate_memory
+
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     arch = resolve_arch(recipe.model.model_name_or_path)
     layout = validate_layout(
@@ -100,35 +126,25 @@ def _cmd_train(args, rest: list[str]) -> int:
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
     )
-    if args.dry_run:
-        from megagrpo.planning.memory import GIB, estimate_memory
-
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 prints the plan
-            return 0
-        print("# resolved recipe")
-        print(dump_recipe(recipe))
-        print(
-            f"# layout: world {layout.world_size} = TP {layout.tp} x PP {layout.pp} x "
-            f"CP {layout.cp} x DP {layout.dp}"
-        )
-        print(
-            f"# model: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
-            f"{arch.num_attention_heads} heads / {arch.num_query_groups} groups, "
-            f"vocab {arch.vocab_size}"
-        )
-        est = estimate_memory(
-            recipe, arch, dp=layout.dp, gpu_memory_bytes=int(args.gpu_memory_gb * GIB)
-        )
-        print("# per-GPU memory estimate")
-        print(est.table())
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 prints the plan
         return 0
-    print(f"recipe OK: {arch.family} model, layout {layout}")
+    print("# resolved recipe")
+    print(dump_recipe(recipe))
     print(
-        "megagrpo train: the GRPO training loop is not built yet (it is tracked as its own "
-        "issue). The foundation exists: `megagrpo demo`, `megagrpo convert`.",
-        file=sys.stderr,
+        f"# layout: world {layout.world_size} = TP {layout.tp} x PP {layout.pp} x "
+        f"CP {layout.cp} x DP {layout.dp}"
     )
-    return 2
+    print(
+        f"# model: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
+        f"{arch.num_attention_heads} heads / {arch.num_query_groups} groups, "
+        f"vocab {arch.vocab_size}"
+    )
+    est = estimate_memory(
+        recipe, arch, dp=layout.dp, gpu_memory_bytes=int(args.gpu_memory_gb * GIB)
+    )
+    print("# per-GPU memory estimate")
+    print(est.table())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the embedded tiny demo on this machine")
     demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--steps", type=int, default=5)
+    demo.add_argument(
+        "--steps", type=int, default=None, help="GRPO steps (default: the demo recipe's max_steps)"
+    )
     convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron")
     add_convert_arguments(convert)
     from megagrpo.rollout.server import add_server_arguments

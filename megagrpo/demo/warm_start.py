@@ -19,9 +19,13 @@ from megagrpo.demo.tiny_models import tiny_hf_model
 from megagrpo.demo.tokenizer import save_demo_tokenizer
 
 
-def demo_completion(problem: dict) -> str:
+def demo_completion(problem: dict, tagged: bool = True) -> str:
+    """The completion the warm start imitates: tagged (``<think>/<answer>``) or a bare answer."""
     a, b = problem["problem"].removeprefix("What is ").removesuffix("?").split(" + ")
-    return f"<think>\n{a}+{b}\n</think>\n<answer>\n\\boxed{{{problem['solution']}}}\n</answer>"
+    boxed = f"\\boxed{{{problem['solution']}}}"
+    if not tagged:
+        return f"{a}+{b} = {boxed}"
+    return f"<think>\n{a}+{b}\n</think>\n<answer>\n{boxed}\n</answer>"
 
 
 def warm_start(
@@ -31,14 +35,16 @@ def warm_start(
     steps: int = 150,
     lr: float = 3e-3,
     batch_size: int = 16,
+    tagged_fraction: float = 0.5,
     seed: int = 0,
 ):
-    """SFT the demo model on formatted examples; saves tokenizer + model into ``directory``."""
+    """SFT the demo model on a mix of tagged and bare answers (``tagged_fraction`` tagged);
+    saves tokenizer + model into ``directory``."""
     tok = save_demo_tokenizer(directory)
     model = tiny_hf_model("qwen2-demo", len(tok), seed=seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(seed)
-    encoded = []
+    encoded = {True: [], False: []}
     for row in train_rows:
         prompt = tok.apply_chat_template(
             [
@@ -49,10 +55,11 @@ def warm_start(
             add_generation_prompt=True,
         )
         p_ids = tok(prompt)["input_ids"]
-        c_ids = tok(demo_completion(row) + tok.eos_token)["input_ids"]
-        encoded.append((p_ids + c_ids, [-100] * len(p_ids) + c_ids))
+        for tagged in (True, False):
+            c_ids = tok(demo_completion(row, tagged) + tok.eos_token)["input_ids"]
+            encoded[tagged].append((p_ids + c_ids, [-100] * len(p_ids) + c_ids))
     for _ in range(steps):
-        batch = [rng.choice(encoded) for _ in range(batch_size)]
+        batch = [rng.choice(encoded[rng.random() < tagged_fraction]) for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
         labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])

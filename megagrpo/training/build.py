@@ -52,6 +52,7 @@ class Run:
     total_steps: int
     start_step: int
     micro_batch_size: int
+    steps_per_epoch: int
     data: Any = None
     """Rank 0: the prompt data (``megagrpo.training.prompt_data.PromptData``)."""
     rollout: Any = None
@@ -106,14 +107,15 @@ def _params_dtype(training) -> torch.dtype:
     return torch.bfloat16 if training.bf16 else torch.float32
 
 
-def _broadcast_int(value: int | None, groups) -> int:
+def _broadcast_from_rank0(value, groups):
     if groups.world_size == 1:
-        return int(value)
+        return value
     import torch.distributed as dist
 
     box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return int(box[0])
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
 
 
 def build_run(recipe: Recipe) -> Run:
@@ -152,7 +154,9 @@ def build_run(recipe: Recipe) -> Run:
         from megagrpo.training.prompt_data import load_prompt_data
 
         data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
-    total_steps = _broadcast_int(data.total_steps if data else None, groups)
+    total_steps, steps_per_epoch = _broadcast_from_rank0(
+        (data.total_steps, data.sampler.steps_per_epoch) if data else None, groups
+    )
     checkpoint = resolve_resume(t.output_dir, t.resume_from_checkpoint)
     start_step = 0
     if checkpoint:
@@ -194,6 +198,7 @@ def build_run(recipe: Recipe) -> Run:
         total_steps=total_steps,
         start_step=start_step,
         micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
+        steps_per_epoch=steps_per_epoch,
         data=data,
     )
     if groups.rank == 0:

@@ -66,6 +66,7 @@ def train(run) -> list[dict]:
             metrics = {**data.metrics, **update, **timer.metrics(), "step": step + 1}
             history.append(metrics)
             after_step(run, step + 1, data, metrics)
+        export_final_model(run)
     finally:
         if run.groups.rank == 0:
             run.rollout.close()
@@ -112,10 +113,15 @@ def push_weights(run, *, version: int, direct: bool = False) -> None:
 
 
 def after_step(run, step: int, data, metrics: dict) -> None:
-    """Logging, completion tables, checkpoints and evaluation after an optimizer step."""
+    """Evaluation, logging, completion tables and checkpoints after an optimizer step."""
     t = run.recipe.training
+    evaluated = _due(step, t.eval_strategy, t.eval_steps or t.logging_steps, run)
+    if evaluated:
+        from megagrpo.training.evaluation import evaluate
+
+        metrics.update(evaluate(run) or {})
     first = step == 1 and t.logging_first_step
-    if run.groups.rank == 0 and (_due(step, t.logging_steps, run.total_steps) or first):
+    if run.groups.rank == 0 and (_due(step, "steps", t.logging_steps, run) or first or evaluated):
         run.logger.log(step, metrics)
         if t.log_completions:
             from megagrpo.monitoring.completions_table import write_completions_table
@@ -130,7 +136,7 @@ def after_step(run, step: int, data, metrics: dict) -> None:
                 data.advantages_n.tolist(),
                 data.finish_reasons,
             )
-    if t.save_strategy == "steps" and _due(step, t.save_steps, run.total_steps):
+    if _due(step, t.save_strategy, t.save_steps, run):
         save_checkpoint(
             t.output_dir,
             TrainerState(step=step, layout=_layout(run), metrics=metrics),
@@ -143,14 +149,43 @@ def after_step(run, step: int, data, metrics: dict) -> None:
             distributed_optimizer=run.recipe.megatron.use_distributed_optimizer
             and torch.cuda.is_available(),
         )
-    if t.eval_strategy == "steps" and _due(step, t.eval_steps or t.logging_steps, run.total_steps):
-        from megagrpo.training.evaluation import evaluate
-
-        evaluate(run, step)
 
 
-def _due(step: int, every, total: int) -> bool:
-    return step % _every(every, total) == 0 or step == total
+def export_final_model(run) -> str:
+    """The trained policy as a Hugging Face checkpoint in ``<output_dir>/final_model``."""
+    import os
+    import shutil
+
+    from megagrpo.conversion.convert import megatron_to_hf
+    from megagrpo.conversion.megatron_format import HF_FILES_DIR, copy_side_files
+    from megagrpo.models.hf_weights import save_megatron_shards
+
+    out = run.recipe.training.output_dir
+    shards = os.path.join(out, ".final_megatron")
+    final = os.path.join(out, "final_model")
+    save_megatron_shards(run.modules, shards, run.arch, run.groups)
+    if dist.is_initialized():
+        dist.barrier()
+    if run.groups.rank == 0:
+        copy_side_files(run.model_dir, os.path.join(shards, HF_FILES_DIR))
+        shutil.rmtree(final, ignore_errors=True)
+        megatron_to_hf(shards, final)
+        shutil.rmtree(shards)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def _due(step: int, strategy: str, every, run) -> bool:
+    """Whether an event with HF's strategy ("no" / "steps" / "epoch") happens after ``step``;
+    "steps" and "epoch" events also happen at the last step."""
+    if strategy == "no":
+        return False
+    if step == run.total_steps:
+        return True
+    if strategy == "epoch":
+        return step % run.steps_per_epoch == 0
+    return step % _every(every, run.total_steps) == 0
 
 
 def _every(value, total: int) -> int:

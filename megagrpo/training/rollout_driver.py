@@ -9,7 +9,7 @@ scored, advantage-weighted StepData of a step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from megagrpo.rollout.async_rollout import AsyncRollout, AsyncRolloutConfig
@@ -45,7 +45,8 @@ class RolloutDriver:
     training: Any
     producer: AsyncRollout | None = None
     first_step: int = 0
-    timings: dict = field(default_factory=dict)
+    script: Any = None
+    _eval_scorer: Any = None
 
     @classmethod
     def create(cls, run) -> RolloutDriver:
@@ -63,6 +64,7 @@ class RolloutDriver:
             data=run.data,
             tokenizer=run.tokenizer,
             training=t,
+            script=script,
         )
 
     def start(self, first_step: int, total_steps: int) -> None:
@@ -100,6 +102,28 @@ class RolloutDriver:
         data.metrics["rollout/staleness"] = float(batch.staleness(self.producer.updates))
         return data
 
+    def generate_now(self, requests, sampling):
+        """Generate outside the training stream (evaluation), between its generations."""
+        if self.producer is None:
+            return self.engine.generate(requests, sampling)
+        return self.producer.generate_now(requests, sampling)
+
+    def eval_scorer(self):
+        """A small reward pool scoring math-verify accuracy only (built on first use)."""
+        if self._eval_scorer is None:
+            import dataclasses
+
+            from megagrpo.rewards import RewardPool, RewardPoolConfig, build_reward_functions
+
+            script = dataclasses.replace(
+                self.script, reward_funcs=["accuracy"], reward_weights=None
+            )
+            self._eval_scorer = RewardPool(
+                build_reward_functions(script),
+                RewardPoolConfig.from_script_args(script, num_workers=1),
+            )
+        return self._eval_scorer
+
     def weight_target(self):
         """What the weight sync pushes into: the producer (serialises with generation)."""
         return self.producer if self.producer is not None else self.engine
@@ -107,7 +131,7 @@ class RolloutDriver:
     def close(self) -> None:
         if self.producer is not None:
             self.producer.close()
-        for obj in (self.engine, self.scorer):
+        for obj in (self.engine, self.scorer, self._eval_scorer):
             close = getattr(obj, "close", None)
             if close is not None:
                 close()
