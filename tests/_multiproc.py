@@ -48,7 +48,8 @@ def run_ranks(world: int, fn, *args, timeout: float = 240.0):
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(r, world, port, fn, args, results), daemon=True)
+        # not daemonic: ranks start process pools of their own (reward workers, engines)
+        ctx.Process(target=_entry, args=(r, world, port, fn, args, results), daemon=False)
         for r in range(world)
     ]
     for p in procs:

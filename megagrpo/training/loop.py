@@ -59,8 +59,12 @@ def train(run) -> list[dict]:
                 if run.reference is not None:
                     run.reference.fill(mbs, run.groups, temperature=t.temperature)
             with timer("update"):
-                for it in range(t.num_iterations):
-                    update = optimizer_step(run, mbs, ctx, step * t.num_iterations + it)
+                updates = [
+                    optimizer_step(run, mbs, ctx, step * t.num_iterations + it)
+                    for it in range(t.num_iterations)
+                ]
+            update = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+            update["learning_rate"] = updates[-1]["learning_rate"]
             with timer("weight_sync"):
                 push_weights(run, version=step + 1)
             metrics = {**data.metrics, **update, **timer.metrics(), "step": step + 1}
