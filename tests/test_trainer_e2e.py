@@ -173,3 +173,40 @@ def test_missing_prompt_column_is_reported_before_anything_runs(demo_dir, tmp_pa
             SHORT + ["--dataset_prompt_column", "question"],
         )
     assert PromptError  # the error type the message comes from
+
+
+def test_train_command_under_torchrun_with_tp2(demo_dir, tmp_path):
+    """launch/train.sh -> torchrun -> megagrpo train, two processes, TP=2."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "tp2"
+    cmd = [
+        os.path.join(root, "launch", "train.sh"),
+        "--config",
+        os.path.join(root, "launch", "configs", "cpu-demo.yaml"),
+        "--model_name_or_path",
+        os.path.join(demo_dir, "model"),
+        "--dataset_name",
+        os.path.join(demo_dir, "data"),
+        "--output_dir",
+        str(out),
+        "--tensor_model_parallel_size",
+        "2",
+        "--max_steps",
+        "2",
+        "--num_reward_workers",
+        "1",
+        *SHORT,
+    ]
+    r = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NPROC": "2", "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    assert (out / "final_model" / "model.safetensors").is_file()
