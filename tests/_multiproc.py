@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -43,6 +44,14 @@ def _entry(rank, world, port, fn, args, results):
             dist.destroy_process_group()
 
 
+class RankDied(RuntimeError):
+    """A rank's process ended without an answer (killed, crashed)."""
+
+    def __init__(self, dead):
+        self.dead = dead  # [(rank, exitcode)]
+        super().__init__(f"ranks died: {dead}")
+
+
 def run_ranks(world: int, fn, *args, timeout: float = 240.0):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -55,14 +64,24 @@ def run_ranks(world: int, fn, *args, timeout: float = 240.0):
     for p in procs:
         p.start()
     out, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world):
+        while len(out) < world and not errors:
             try:
-                rank, status, value = results.get(timeout=timeout)
+                rank, status, value = results.get(timeout=0.5)
             except queue.Empty:
-                raise TimeoutError(
-                    f"{fn.__name__}: no answer from all {world} ranks in {timeout}s"
-                ) from None
+                dead = [
+                    (r, p.exitcode)
+                    for r, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and r not in out
+                ]
+                if dead:
+                    raise RankDied(dead) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{fn.__name__}: no answer from all {world} ranks in {timeout}s"
+                    ) from None
+                continue
             if status == "ok":
                 out[rank] = pickle.loads(value)
             else:

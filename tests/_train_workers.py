@@ -173,3 +173,46 @@ def demo_run_worker(demo_dir, out_dir, overrides, tp=1, pp=1):
     run = build_run(recipe)
     history = train(run)
     return history if run.groups.rank == 0 else None
+
+
+def faulty_demo_worker(demo_dir, out_dir, overrides, fault: str, at: int):
+    """demo_run_worker with a fault injected: ``kill_in_update`` / ``kill_in_save`` SIGKILL this
+    process during the update of step ``at`` / while checkpoint-``at`` is written (after the model
+    shards and optimizer state, before the marker); ``nan_grad`` puts a NaN in a gradient of
+    step ``at``."""
+    import os
+    import signal
+
+    from megagrpo.training import checkpoint, loop
+
+    if fault == "kill_in_update":
+        original = loop.optimizer_step
+
+        def optimizer_step(run, mbs, ctx, update_index):
+            if update_index + 1 == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(run, mbs, ctx, update_index)
+
+        loop.optimizer_step = optimizer_step
+    elif fault == "kill_in_save":
+        original_save = checkpoint._save_torch
+
+        def _save_torch(obj, path):
+            if f".checkpoint-{at}.tmp" in path and "rng" in path:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_save(obj, path)
+
+        checkpoint._save_torch = _save_torch
+    elif fault == "nan_grad":
+        original_update = loop.grpo_update
+        calls = {"n": 0}
+
+        def grpo_update(chunks, *args, **kwargs):
+            out = original_update(chunks, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == at:
+                next(chunks[0].parameters()).main_grad.view(-1)[0] = float("nan")
+            return out
+
+        loop.grpo_update = grpo_update
+    return demo_run_worker(demo_dir, out_dir, overrides)

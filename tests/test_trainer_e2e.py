@@ -210,3 +210,72 @@ def test_train_command_under_torchrun_with_tp2(demo_dir, tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
     assert (out / "final_model" / "model.safetensors").is_file()
+
+
+CKPT = [
+    "--eval_strategy",
+    "no",
+    "--log_completions",
+    "false",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2",
+    "--save_total_limit",
+    "2",
+    "--max_steps",
+    "6",
+]
+
+
+def test_kill9_in_training_and_in_a_save_then_resume_exactly(demo_dir, tmp_path):
+    from _multiproc import RankDied
+    from _train_workers import faulty_demo_worker
+
+    reference = _only(run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "ref"), CKPT))
+    keys = ("reward", "loss", "grad_norm", "entropy")
+
+    # SIGKILL in the middle of step 5: checkpoints 2 and 4 are complete
+    out = tmp_path / "killed"
+    with pytest.raises(RankDied):
+        run_ranks(1, faulty_demo_worker, demo_dir, str(out), CKPT, "kill_in_update", 5)
+    assert sorted(os.listdir(out))[:2] == ["checkpoint-2", "checkpoint-4"]
+    resumed = _only(run_ranks(1, demo_run_worker, demo_dir, str(out), CKPT))
+    assert [h["step"] for h in resumed] == [5, 6]
+    for a, b in zip(reference[4:], resumed):
+        assert all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9) for k in keys)
+
+    # SIGKILL while checkpoint-4 is being written: a temporary directory is left, 2 is newest
+    out = tmp_path / "killed_in_save"
+    with pytest.raises(RankDied):
+        run_ranks(1, faulty_demo_worker, demo_dir, str(out), CKPT, "kill_in_save", 4)
+    names = sorted(os.listdir(out))
+    assert ".checkpoint-4.tmp" in names and "checkpoint-4" not in names
+    resumed = _only(run_ranks(1, demo_run_worker, demo_dir, str(out), CKPT))
+    assert [h["step"] for h in resumed] == [3, 4, 5, 6]
+    for a, b in zip(reference[2:], resumed):
+        assert all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9) for k in keys)
+    names = sorted(os.listdir(out))
+    assert not [n for n in names if n.endswith(".tmp")]  # the broken save was removed
+    assert [n for n in names if n.startswith("checkpoint-")] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_nan_gradient_skips_the_update_and_training_goes_on(demo_dir, tmp_path):
+    from _train_workers import faulty_demo_worker
+
+    hist = _only(
+        run_ranks(
+            1,
+            faulty_demo_worker,
+            demo_dir,
+            str(tmp_path / "nan"),
+            SHORT + ["--max_steps", "4"],
+            "nan_grad",
+            2,
+        )
+    )
+    assert [h["update_skipped"] for h in hist] == [0.0, 1.0, 0.0, 0.0]
+    assert all(h["grad_norm"] == h["grad_norm"] for h in (hist[0], hist[2], hist[3]))  # finite
+    # the skipped step changed nothing: steps 2 and 3 saw the same weights (same entropy of the
+    # engine's samples is not guaranteed, but the policy log-prob gap stays exact)
+    assert max(h["sampler_logprob_gap"] for h in hist) < 1e-4

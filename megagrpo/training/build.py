@@ -25,7 +25,11 @@ from megagrpo.models.arch import ModelArch, load_arch
 from megagrpo.models.builder import build_model
 from megagrpo.models.hf_weights import load_hf_weights
 from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
-from megagrpo.training.checkpoint import load_checkpoint, resolve_resume
+from megagrpo.training.checkpoint import (
+    load_checkpoint,
+    remove_interrupted_saves,
+    resolve_resume,
+)
 from megagrpo.training.lr_schedule import LRSchedule, schedule_from_config
 from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
 from megagrpo.training.policy_update import LossSettings
@@ -157,6 +161,9 @@ def build_run(recipe: Recipe) -> Run:
     total_steps, steps_per_epoch = _broadcast_from_rank0(
         (data.total_steps, data.sampler.steps_per_epoch) if data else None, groups
     )
+    if groups.rank == 0:
+        for name in remove_interrupted_saves(t.output_dir):
+            print(f"removed {name}: a checkpoint save that was interrupted", flush=True)
     checkpoint = resolve_resume(t.output_dir, t.resume_from_checkpoint)
     start_step = 0
     if checkpoint:

@@ -64,6 +64,16 @@ def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def remove_interrupted_saves(output_dir: str) -> list[str]:
+    """Delete the temporary directories of saves a crash cut off; returns their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    stale = [n for n in os.listdir(output_dir) if n.startswith(f".{PREFIX}") and n.endswith(".tmp")]
+    for name in stale:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return stale
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     found = complete_checkpoints(output_dir)
     return found[-1][1] if found else None

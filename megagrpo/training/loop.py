@@ -99,13 +99,32 @@ def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, 
     run.optimizer.zero_grad()
     sums = grpo_update(run.policy, mbs, run.groups, run.loss, run.loss_type, ctx)
     lr = run.schedule.lr(update_index)
-    set_learning_rate(run.optimizer, lr, run.recipe.training.weight_decay)
-    ok, grad_norm, _ = run.optimizer.step()
     metrics = reduce_metrics(sums, run.groups, ctx.num_microbatches, run.loss_type)
+    if gradients_are_finite(run):
+        set_learning_rate(run.optimizer, lr, run.recipe.training.weight_decay)
+        ok, grad_norm, _ = run.optimizer.step()
+    else:  # a NaN / Inf loss or gradient anywhere: no rank applies this update
+        ok, grad_norm = False, float("nan")
+        if run.groups.rank == 0:
+            print(f"update {update_index + 1}: non-finite gradients, update skipped", flush=True)
     metrics.update(
         learning_rate=lr, grad_norm=float(grad_norm or 0.0), update_skipped=float(not ok)
     )
     return metrics
+
+
+def gradients_are_finite(run) -> bool:
+    """Whether every gradient on every rank is finite (one MAX all-reduce over the world)."""
+    bad = torch.zeros(1, device=run.device)
+    for m in run.policy:
+        for p in m.parameters():
+            grad = getattr(p, "main_grad", None)
+            if grad is not None and not torch.isfinite(grad).all():
+                bad.fill_(1.0)
+                break
+    if run.groups.world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
 
 
 def push_weights(run, *, version: int, direct: bool = False) -> None:
