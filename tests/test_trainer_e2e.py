@@ -54,6 +54,8 @@ def test_demo_learns_and_writes_its_outputs(demo_dir, tmp_path):
         "time/generation",
         "time/update",
         "time/weight_sync",
+        "time/scoring",
+        "time/rollout",
         "learning_rate",
         "grad_norm",
         "eval/accuracy",
@@ -114,12 +116,16 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_sharded_training_matches_one_process(demo_dir, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
+def test_sharded_training_matches_one_process(demo_dir, tmp_path, tp, pp, dp):
+    """Same global batch (64 completions): DP=2 trains on 32 per rank."""
     steps = SHORT + ["--max_steps", "3"]
     one = _only(run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "one"), steps))
+    per_rank = ["--per_device_train_batch_size", str(64 // dp)]
     sharded = _only(
-        run_ranks(tp * pp, demo_run_worker, demo_dir, str(tmp_path / "sh"), steps, tp, pp)
+        run_ranks(
+            tp * pp * dp, demo_run_worker, demo_dir, str(tmp_path / "sh"), steps + per_rank, tp, pp
+        )
     )
     # the first step sees the same completions; the update is the same up to float rounding
     assert sharded[0]["reward"] == one[0]["reward"]

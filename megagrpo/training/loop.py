@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megagrpo.algorithms.loss_aggregation import BatchContext
+from megagrpo.monitoring.progress import StepProgress
 from megagrpo.rollout.weight_sync import sync_weights_from_megatron
 from megagrpo.training.batch import make_micro_batches
 from megagrpo.training.checkpoint import TrainerState, save_checkpoint
@@ -31,10 +32,11 @@ def train(run) -> list[dict]:
     if run.groups.rank == 0:
         run.rollout.start(run.start_step, run.total_steps)
     history = []
+    progress = StepProgress(run.total_steps, run.start_step, enabled=run.groups.rank == 0)
     try:
         for step in range(run.start_step, run.total_steps):
-            timer = StepTimer()
-            with timer("generation"):
+            timer = StepTimer(progress)
+            with timer("rollout"):
                 data = broadcast_step(
                     run.rollout.step_data(step) if run.groups.rank == 0 else None, run.groups
                 )
@@ -70,10 +72,12 @@ def train(run) -> list[dict]:
             metrics = {**data.metrics, **update, **timer.metrics(), "step": step + 1}
             history.append(metrics)
             after_step(run, step + 1, data, metrics)
+            progress.step_done(metrics)
         export_final_model(run)
     finally:
         if run.groups.rank == 0:
             run.rollout.close()
+        progress.close()
         run.logger.close()
     return history
 
@@ -222,14 +226,18 @@ def _layout(run) -> dict:
 
 
 class StepTimer:
-    """Wall-clock time of the phases of a step (TRL-style ``time/<phase>`` metrics)."""
+    """Wall-clock time of the phases of a step (TRL-style ``time/<phase>`` metrics), shown on
+    the progress bar as they start."""
 
-    def __init__(self):
+    def __init__(self, progress=None):
         self.start = time.perf_counter()
         self.times: dict[str, float] = {}
+        self.progress = progress
 
     @contextmanager
     def __call__(self, name: str):
+        if self.progress is not None:
+            self.progress.phase(name)
         t0 = time.perf_counter()
         try:
             yield

@@ -98,7 +98,7 @@ class RolloutDriver:
             self.training.scale_rewards,
             step,
         )
-        data.metrics["time/generation_wait"] = waited
+        data.metrics["time/generation"] = waited  # waiting for the engine (async: overlapped)
         data.metrics["rollout/staleness"] = float(batch.staleness(self.producer.updates))
         return data
 
