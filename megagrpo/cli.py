@@ -117,7 +117,7 @@ def _dry_run(recipe, args) -> int:
     from megagrpo.models.known_configs import resolve_arch
     from megagrpo.planning.memory import GIB, estimate_memory
 
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world = args.world_size or recipe.megatron.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     arch = resolve_arch(recipe.model.model_name_or_path)
     layout = validate_layout(
         recipe,

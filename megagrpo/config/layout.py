@@ -61,6 +61,11 @@ def validate_layout(
             f"pipeline_model_parallel_size={pp} x context_parallel_size={cp} = {model_parallel}"
         )
     dp = max(world_size // model_parallel, 1)
+    if mc.world_size is not None and mc.world_size != world_size:
+        errors.append(
+            f"world_size={mc.world_size} in the recipe, but the run has {world_size} processes "
+            "(torchrun's WORLD_SIZE): launch it on the layout it was written for"
+        )
 
     for what, count in (
         ("num_attention_heads", num_attention_heads),

@@ -56,6 +56,13 @@ class MegatronConfig:
         help="Pad the vocabulary to a multiple of this x TP (padded logits are masked out).",
     )
 
+    world_size: int | None = option(
+        None,
+        help="Trainer processes the recipe is laid out for (nodes x GPUs per node, rollout-server "
+        "nodes not counted); when set, a run with another WORLD_SIZE stops with an error, and "
+        "--dry-run plans for it. None: whatever torchrun starts.",
+    )
+
     # ---- implementation and precision ----
     transformer_impl: Literal["auto", "transformer_engine", "local"] = option(
         "auto",

@@ -238,6 +238,8 @@ def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
         "distributed_timeout_minutes",
     ):
         _at_least(errors, name, getattr(mc, name), 1)
+    if mc.world_size is not None:
+        _at_least(errors, "world_size", mc.world_size, 1)
     check_sequence_parallel(mc.sequence_parallel, mc.tensor_model_parallel_size, errors)
     vpp = mc.virtual_pipeline_model_parallel_size
     if vpp is not None:

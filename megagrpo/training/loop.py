@@ -31,6 +31,10 @@ def train(run) -> list[dict]:
         push_weights(run, version=run.start_step, direct=True)
     if run.groups.rank == 0:
         run.rollout.start(run.start_step, run.total_steps)
+        if t.eval_strategy != "no" and run.start_step == 0:  # the starting point, as step 0
+            from megagrpo.training.evaluation import evaluate
+
+            run.logger.log(0, evaluate(run))
     history = []
     progress = StepProgress(run.total_steps, run.start_step, enabled=run.groups.rank == 0)
     try:
