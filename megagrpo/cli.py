@@ -1,4 +1,4 @@
-"""The ``megagrpo`` command: ``demo``, ``convert``, ``rollout-server`` and ``train``."""
+"""The ``megagrpo`` command: ``train``, ``demo``, ``convert``, ``rollout-server`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -147,6 +147,32 @@ def _dry_run(recipe, args) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "kernels": "bench_kernels.py",
+    "kernel-memory": "bench_kernel_memory.py",
+    "rewards": "bench_rewards.py",
+    "rollout": "bench_rollout.py",
+    "e2e": "bench_e2e.py",
+}
+
+
+def _cmd_bench(args, rest: list[str]) -> int:
+    """The benchmarks live in the source checkout's tools/ (they are not part of the wheel)."""
+    import os
+    import subprocess
+
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    script = os.path.join(tools, BENCHMARKS[args.what])
+    if not os.path.isfile(script):
+        print(
+            f"megagrpo bench: {script} not found; the benchmarks run from a source checkout "
+            "(git clone, then pip install -e .)",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, script, *rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megagrpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("rollout-server", help="serve one rollout engine to a rollout pool")
     add_server_arguments(server)
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark from tools/; the tool's own options follow a --, e.g. "
+        "megagrpo bench rewards -- --help",
+    )",
+    )
+    bench.add_argument("what", choices=sorted(BENCHMARKS))
     train = sub.add_parser("train", help="GRPO training from a YAML recipe")
     train.add_argument("--config", help="YAML recipe (open-r1 style keys)")
     train.add_argument(
@@ -187,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_optional_dependency_warnings()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _cmd_bench(args, rest)
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from megagrpo.config import ConfigError
