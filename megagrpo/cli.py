@@ -191,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="run a benchmark from tools/; the tool's own options follow a --, e.g. "
         "megagrpo bench rewards -- --help",
-    )",
     )
     bench.add_argument("what", choices=sorted(BENCHMARKS))
     train = sub.add_parser("train", help="GRPO training from a YAML recipe")
