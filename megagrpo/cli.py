@@ -23,7 +23,10 @@ def _quiet_optional_dependency_warnings() -> None:
 
 def _cmd_demo(args) -> int:
     """GRPO on the embedded tiny demo (see megagrpo.demo.grpo_demo)."""
+    import os
+
     from megagrpo.demo.grpo_demo import demo_recipe, learning_summary
+    from megagrpo.monitoring.metrics_log import METRICS_FILE, read_metrics
     from megagrpo.training import build_run, train
 
     print(
@@ -32,18 +35,25 @@ def _cmd_demo(args) -> int:
     )
     overrides = ["--max_steps", str(args.steps)] if args.steps else []
     run = build_run(demo_recipe(args.output_dir, overrides))
-    history = train(run)
+    train(run)
     if run.groups.rank == 0:
-        s = learning_summary(history)
-        verdict = "learned" if s["reward_last"] > s["reward_first"] else "did NOT improve"
+        out = run.recipe.training.output_dir
+        s = learning_summary(read_metrics(os.path.join(out, METRICS_FILE)))
         print(
-            f"reward: first 5 steps {s['reward_first']:.3f} -> last 5 steps "
-            f"{s['reward_last']:.3f} ({verdict}); accuracy {s['accuracy_first']:.3f} -> "
+            f"training reward (mean of 10 steps): {s['reward_first']:.3f} -> "
+            f"{s['reward_last']:.3f}; training accuracy {s['accuracy_first']:.3f} -> "
             f"{s['accuracy_last']:.3f}"
         )
+        if "eval_accuracy_before" in s:
+            k = s["eval_k"]
+            print(
+                f"held-out accuracy (greedy): {s['eval_accuracy_before']:.3f} -> "
+                f"{s['eval_accuracy_after']:.3f}; mean@{k}: {s['eval_mean_k_before']:.3f} -> "
+                f"{s['eval_mean_k_after']:.3f}"
+            )
         print(
-            f"metrics: {run.recipe.training.output_dir}/metrics.jsonl, final model: "
-            f"{run.recipe.training.output_dir}/final_model"
+            f"metrics: {out}/{METRICS_FILE} (plot: python tools/plot_metrics.py "
+            f"{out}/{METRICS_FILE}); final model: {out}/final_model"
         )
     return 0
 

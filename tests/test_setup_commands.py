@@ -53,9 +53,11 @@ def test_demo_command_runs_grpo(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "megagrpo demo: GRPO on small additions" in r.stdout
     assert re.search(r"step 3 \| reward=", r.stdout)
-    assert re.search(r"reward: first 5 steps \S+ -> last 5 steps \S+", r.stdout)
+    assert re.search(r"training reward \(mean of 10 steps\): \S+ -> \S+", r.stdout)
+    assert re.search(r"held-out accuracy \(greedy\): \S+ -> \S+; mean@8: \S+ -> \S+", r.stdout)
     assert (out / "run" / "final_model" / "model.safetensors").is_file()
-    assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    # the held-out evaluation before training (step 0), then steps 1-3
+    assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_convert_command_and_tool(tiny_checkpoint, tmp_path):

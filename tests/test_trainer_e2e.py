@@ -28,13 +28,15 @@ def _only(results):
 
 def test_demo_learns_and_writes_its_outputs(demo_dir, tmp_path):
     out = str(tmp_path / "run")
-    (history,) = run_ranks(
-        1, demo_run_worker, demo_dir, out, ["--max_steps", "30", "--save_steps", "15"]
-    )
-    s = learning_summary(history)
+    steps = ["--max_steps", "60", "--save_steps", "30", "--lr_scheduler_type", "constant"]
+    run_ranks(1, demo_run_worker, demo_dir, out, steps)
+    from megagrpo.monitoring.metrics_log import read_metrics
+
+    s = learning_summary(read_metrics(os.path.join(out, "metrics.jsonl")))
+    # reward (accuracy + format + tag_count) rises on the tiny task: the ISSUE's CI check
     assert s["reward_last"] > s["reward_first"] + 0.1, s
-    fmt = [h["rewards/format_reward/mean"] for h in history]
-    assert sum(fmt[-5:]) / 5 > sum(fmt[:5]) / 5 + 0.1
+    assert s["accuracy_last"] > s["accuracy_first"], s
+    assert "eval_accuracy_before" in s and "eval_accuracy_after" in s  # step 0 and step 60
     # TRL's metric names, the time split and the sampler/trainer gap are logged
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -59,20 +61,20 @@ def test_demo_learns_and_writes_its_outputs(demo_dir, tmp_path):
         "learning_rate",
         "grad_norm",
         "eval/accuracy",
-        "eval/mean@4",
-        "eval/pass@4",
+        "eval/mean@8",
+        "eval/pass@8",
     ):
         assert key in last, key
     # the engine's log-probs are the trainer's (weights synced exactly after every step)
-    assert max(r["sampler_logprob_gap"] for r in records) < 1e-4
+    assert max(r["sampler_logprob_gap"] for r in records if "reward" in r) < 1e-4
     assert sorted(os.listdir(out)) == [
-        "checkpoint-15",
         "checkpoint-30",
+        "checkpoint-60",
         "completions",
         "final_model",
         "metrics.jsonl",
     ]
-    assert len(os.listdir(os.path.join(out, "completions"))) == 30
+    assert len(os.listdir(os.path.join(out, "completions"))) == 60
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(os.path.join(out, "final_model"))

@@ -54,18 +54,38 @@ def demo_recipe(output_dir: str, overrides: list[str] | None = None):
     )
 
 
-def learning_summary(history: list[dict], window: int = 5) -> dict:
-    """Mean reward and accuracy of the first and last ``window`` steps."""
+def learning_summary(records: list[dict], window: int = 10) -> dict:
+    """Before / after: mean reward and training accuracy of the first and last ``window`` steps,
+    and the held-out evaluation at the start (step 0) and at the end, from the logged records."""
+    steps = [r for r in records if "reward" in r]
+    evals = [r for r in records if "eval/accuracy" in r]
 
     def mean(rows, key):
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    first, last = history[:window], history[-window:]
-    acc = next(
-        (k for k in history[0] if k.startswith("rewards/accuracy") and k.endswith("/mean")), None
+    out = {
+        "reward_first": mean(steps[:window], "reward"),
+        "reward_last": mean(steps[-window:], "reward"),
+    }
+    acc = (
+        next(
+            (k for k in steps[0] if k.startswith("rewards/accuracy") and k.endswith("/mean")), None
+        )
+        if steps
+        else None
     )
-    out = {"reward_first": mean(first, "reward"), "reward_last": mean(last, "reward")}
     if acc:
-        out.update(accuracy_first=mean(first, acc), accuracy_last=mean(last, acc))
+        out.update(
+            accuracy_first=mean(steps[:window], acc), accuracy_last=mean(steps[-window:], acc)
+        )
+    if len(evals) >= 2:
+        mean_k = next(k for k in evals[0] if k.startswith("eval/mean@"))
+        out.update(
+            eval_accuracy_before=evals[0]["eval/accuracy"],
+            eval_accuracy_after=evals[-1]["eval/accuracy"],
+            eval_mean_k_before=evals[0][mean_k],
+            eval_mean_k_after=evals[-1][mean_k],
+            eval_k=mean_k.split("@")[1],
+        )
     return out
