@@ -82,8 +82,13 @@ def test_demo_learns_and_writes_its_outputs(demo_dir, tmp_path):
 
 
 def test_resume_continues_exactly(demo_dir, tmp_path):
+    # "--max_steps 3" stands in for an interruption after step 3, so the learning rate must not
+    # depend on max_steps: constant here (the cosine schedule's resume is the kill -9 test's)
+    const = ["--lr_scheduler_type", "constant"]
     full = _only(
-        run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "a"), SHORT + ["--max_steps", "6"])
+        run_ranks(
+            1, demo_run_worker, demo_dir, str(tmp_path / "a"), SHORT + const + ["--max_steps", "6"]
+        )
     )
     out = str(tmp_path / "b")
     run_ranks(
@@ -92,7 +97,8 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
         demo_dir,
         out,
         ["--max_steps", "6", "--save_steps", "3", "--eval_strategy", "no"]
-        + ["--log_completions", "false", "--max_steps", "3"],
+        + ["--log_completions", "false", "--max_steps", "3"]
+        + const,
     )
     resumed = _only(
         run_ranks(
@@ -109,7 +115,8 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
                 "no",
                 "--log_completions",
                 "false",
-            ],
+            ]
+            + const,
         )
     )
     assert [h["step"] for h in resumed] == [4, 5, 6]
