@@ -141,3 +141,25 @@ def test_sbatch_script_builds_the_torchrun_line(tmp_path):
         "--rdzv-backend=c10d --rdzv-endpoint=gpu-01:29500 -m megagrpo.cli train "
         "--config my recipe.yaml --learning_rate 1e-6"
     )
+
+
+def test_megagrpo_bench_runs_the_tools_benchmark_with_its_arguments():
+    import re
+    import sys
+
+    cli = [sys.executable, "-m", "megagrpo.cli", "bench"]
+    out = subprocess.run(
+        [*cli, "kernel-memory", "--", "--n", "512", "--v", "32000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    ratios = re.findall(
+        r"(fwd|fwdbwd): chunked / eager\(fp32 upcast\) peak extra = ([\d.]+)%", out.stdout
+    )
+    assert [r[0] for r in ratios] == ["fwd", "fwdbwd"], out.stdout
+    # the chunked reference needs less than the eager log_softmax + gather it replaces
+    assert all(float(r[1]) < 100.0 for r in ratios), out.stdout
+    bad = subprocess.run([*cli, "nonsense"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "kernel-memory" in bad.stderr

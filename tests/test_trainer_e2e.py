@@ -63,6 +63,8 @@ def test_demo_learns_and_writes_its_outputs(demo_dir, tmp_path):
         "eval/accuracy",
         "eval/mean@8",
         "eval/pass@8",
+        "eval/rewards/format_reward/mean",
+        "eval/reward@8",
     ):
         assert key in last, key
     # the engine's log-probs are the trainer's (weights synced exactly after every step)

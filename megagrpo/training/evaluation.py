@@ -1,16 +1,19 @@
 """Evaluation on the test split (the seed's "track overall model performance").
 
-Every ``eval_steps`` and at the end of training, global rank 0 generates with the current
-weights for each test prompt one greedy completion and ``eval_num_generations`` (k) sampled ones
-at the training temperature, scores them with the math-verify accuracy reward (in its own small
-reward pool, whatever the training rewards are), and logs:
+At step 0, every ``eval_steps`` and at the end of training, global rank 0 generates with the
+current weights, for each test prompt, one greedy completion and ``eval_num_generations`` (k)
+completions sampled at the training temperature, and scores them with the configured reward
+functions through the training reward pool. It logs:
 
-- ``eval/accuracy``: greedy accuracy;
+- ``eval/accuracy``: greedy accuracy (math-verify's ``accuracy_reward`` equal to 1);
 - ``eval/mean@k``: mean accuracy of the k samples;
 - ``eval/pass@k``: fraction of prompts with at least one correct sample among the k;
+- ``eval/reward`` and ``eval/rewards/<fn>/mean``: the greedy completions' weighted reward and
+  each function's mean (NaN-ignoring, as in training); ``eval/reward@k``: the samples' reward;
 - ``eval/num_prompts``.
 
-Other ranks do nothing during evaluation (it uses no collective).
+When the recipe does not train on ``accuracy_reward``, correctness is scored by a separate small
+accuracy-only pool. Other ranks do nothing during evaluation (it uses no collective).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import dataclasses
 import torch
 
 from megagrpo.rollout.protocol import RolloutRequest
+from megagrpo.training.rollout_step import score_groups
+
+ACCURACY = "accuracy_reward"
 
 
 def eval_requests(test, seed: int) -> list[RolloutRequest]:
@@ -29,28 +35,48 @@ def eval_requests(test, seed: int) -> list[RolloutRequest]:
     ]
 
 
-def accuracy_matrix(scorer, groups, solutions, tokenizer) -> torch.Tensor:
-    """[prompts, samples] accuracy (NaN where it could not score)."""
-    k = len(groups[0])
-    ids = [list(s.completion_ids) for g in groups for s in g]
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    scores = scorer.score(
-        [[{"role": "assistant", "content": t}] for t in texts],
-        {"solution": [sol for sol in solutions for _ in range(k)], "completion_ids": ids},
-        k,
-    )
-    return scores.rewards_nk[:, 0].view(len(groups), k)
-
-
-def eval_metrics(greedy_p1: torch.Tensor, sampled_pk: torch.Tensor) -> dict[str, float]:
+def accuracy_metrics(greedy_p1: torch.Tensor, sampled_pk: torch.Tensor) -> dict[str, float]:
+    """From [prompts, 1] and [prompts, k] accuracy scores (NaN = could not score = wrong)."""
     k = sampled_pk.shape[1]
     correct = torch.nan_to_num(sampled_pk, nan=0.0) >= 1.0
     return {
-        "eval/accuracy": torch.nan_to_num(greedy_p1, nan=0.0).mean().item(),
+        "eval/accuracy": (torch.nan_to_num(greedy_p1, nan=0.0) >= 1.0).double().mean().item(),
         f"eval/mean@{k}": correct.double().mean().item(),
         f"eval/pass@{k}": correct.any(dim=1).double().mean().item(),
         "eval/num_prompts": float(greedy_p1.shape[0]),
     }
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    return x.nanmean().item() if bool((~x.isnan()).any()) else float("nan")
+
+
+def reward_metrics(greedy, sampled) -> dict[str, float]:
+    """The greedy completions' weighted reward and per-function means, the samples' reward."""
+    k = sampled.rewards_nk.shape[0] // max(greedy.rewards_nk.shape[0], 1)
+    out = {
+        "eval/reward": _nanmean(greedy.total_n()),
+        f"eval/reward@{k}": _nanmean(sampled.total_n()),
+    }
+    for j, name in enumerate(greedy.names):
+        out[f"eval/rewards/{name}/mean"] = _nanmean(greedy.rewards_nk[:, j])
+    return out
+
+
+def _accuracy(scores, accuracy_only) -> torch.Tensor:
+    """[N] accuracy: the configured accuracy_reward, else the accuracy-only scorer's."""
+    if ACCURACY in scores.names:
+        return scores.rewards_nk[:, scores.names.index(ACCURACY)]
+    return accuracy_only().rewards_nk[:, 0]
+
+
+def score_eval(groups, test, tokenizer, scorer, reward_columns, fallback_scorer):
+    """Score one set of groups (one per test row) -> (RewardScores, accuracy [prompts, n])."""
+    rows = list(range(len(test)))
+    args = (groups, rows, test, tokenizer)
+    scores = score_groups(*args, scorer, reward_columns)[2]
+    acc = _accuracy(scores, lambda: score_groups(*args, fallback_scorer(), reward_columns)[2])
+    return scores, acc.view(len(rows), len(groups[0]))
 
 
 def evaluate(run) -> dict[str, float] | None:
@@ -60,18 +86,14 @@ def evaluate(run) -> dict[str, float] | None:
     t = run.recipe.training
     driver = run.rollout
     test = run.data.test
-    solution_col = run.data.reward_columns.get("solution")
-    if solution_col is None:
+    if "solution" not in run.data.reward_columns:
         raise ValueError("evaluation needs the dataset_solution_column of the test split")
     requests = eval_requests(test, t.seed)
     greedy = dataclasses.replace(driver.sampling, n=1, temperature=0.0)
     sampled = dataclasses.replace(driver.sampling, n=t.eval_num_generations)
-    scorer = driver.eval_scorer()
-    solutions = [test[i][solution_col] for i in range(len(test))]
-    greedy_p1 = accuracy_matrix(
-        scorer, driver.generate_now(requests, greedy), solutions, run.tokenizer
-    )
-    sampled_pk = accuracy_matrix(
-        scorer, driver.generate_now(requests, sampled), solutions, run.tokenizer
-    )
-    return eval_metrics(greedy_p1, sampled_pk)
+    common = (test, run.tokenizer, driver.scorer, run.data.reward_columns, driver.eval_scorer)
+    greedy_scores, greedy_acc = score_eval(driver.generate_now(requests, greedy), *common)
+    sampled_scores, sampled_acc = score_eval(driver.generate_now(requests, sampled), *common)
+    metrics = accuracy_metrics(greedy_acc, sampled_acc)
+    metrics.update(reward_metrics(greedy_scores, sampled_scores))
+    return metrics

@@ -109,7 +109,8 @@ class RolloutDriver:
         return self.producer.generate_now(requests, sampling)
 
     def eval_scorer(self):
-        """A small reward pool scoring math-verify accuracy only (built on first use)."""
+        """A small accuracy-only reward pool (built on first use): evaluation's correctness when
+        the recipe does not train on accuracy_reward."""
         if self._eval_scorer is None:
             import dataclasses
 

@@ -73,6 +73,23 @@ def completion_metrics(completion_ids, finish_reasons) -> dict[str, float]:
     }
 
 
+def score_groups(groups, rows, dataset, tokenizer, scorer, reward_columns: dict[str, str]):
+    """Decode groups of completions of the dataset ``rows`` (one group per row) and score them.
+
+    Returns (completion_ids, texts, RewardScores), group-major.
+    """
+    group_size = len(groups[0])
+    completion_ids = [list(s.completion_ids) for g in groups for s in g]
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    columns = {
+        name: [dataset[int(r)][col] for r in rows for _ in range(group_size)]
+        for name, col in reward_columns.items()
+    }
+    columns["completion_ids"] = completion_ids
+    return completion_ids, texts, scorer.score(completions, columns, group_size)
+
+
 def score_and_advantage(
     groups,
     rows,
@@ -98,15 +115,9 @@ def score_and_advantage(
             f"{sorted({len(g) for g in groups})}, expected {num_generations}"
         )
     t0 = time.perf_counter()
-    completion_ids = [list(s.completion_ids) for s in samples]
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
-    columns = {
-        name: [dataset[int(r)][col] for r in rows for _ in range(num_generations)]
-        for name, col in reward_columns.items()
-    }
-    columns["completion_ids"] = completion_ids
-    scores = scorer.score(completions, columns, num_generations)
+    completion_ids, texts, scores = score_groups(
+        groups, rows, dataset, tokenizer, scorer, reward_columns
+    )
     total_n = scores.total_n()
     stats = group_advantages(total_n, num_generations, scale_rewards)
     metrics = reward_metrics(scores, num_generations)
