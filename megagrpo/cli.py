@@ -24,6 +24,7 @@ def _quiet_optional_dependency_warnings() -> None:
 def _cmd_demo(args) -> int:
     """GRPO on the embedded tiny demo (see megagrpo.demo.grpo_demo)."""
     import os
+    import time
 
     from megagrpo.demo.grpo_demo import demo_recipe, learning_summary
     from megagrpo.monitoring.metrics_log import METRICS_FILE, read_metrics
@@ -34,8 +35,12 @@ def _cmd_demo(args) -> int:
         flush=True,
     )
     overrides = ["--max_steps", str(args.steps)] if args.steps else []
-    run = build_run(demo_recipe(args.output_dir, overrides))
+    t0 = time.perf_counter()
+    recipe = demo_recipe(args.output_dir, overrides)  # builds the data and the warm-started model
+    t1 = time.perf_counter()
+    run = build_run(recipe)
     train(run)
+    t2 = time.perf_counter()
     if run.groups.rank == 0:
         out = run.recipe.training.output_dir
         s = learning_summary(read_metrics(os.path.join(out, METRICS_FILE)))
@@ -51,6 +56,10 @@ def _cmd_demo(args) -> int:
                 f"{s['eval_accuracy_after']:.3f}; mean@{k}: {s['eval_mean_k_before']:.3f} -> "
                 f"{s['eval_mean_k_after']:.3f}"
             )
+        print(
+            f"time: assets (data, tokenizer, warm-started model) {t1 - t0:.0f} s, GRPO training "
+            f"with evaluations {t2 - t1:.0f} s, total {t2 - t0:.0f} s"
+        )
         print(
             f"metrics: {out}/{METRICS_FILE} (plot: python tools/plot_metrics.py "
             f"{out}/{METRICS_FILE}); final model: {out}/final_model"

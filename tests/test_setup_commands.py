@@ -55,6 +55,7 @@ def test_demo_command_runs_grpo(tmp_path):
     assert re.search(r"step 3 \| reward=", r.stdout)
     assert re.search(r"training reward \(mean of 10 steps\): \S+ -> \S+", r.stdout)
     assert re.search(r"held-out accuracy \(greedy\): \S+ -> \S+; mean@8: \S+ -> \S+", r.stdout)
+    assert re.search(r"time: assets .* \d+ s, GRPO training .* \d+ s, total \d+ s", r.stdout)
     assert (out / "run" / "final_model" / "model.safetensors").is_file()
     # the held-out evaluation before training (step 0), then steps 1-3
     assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 4

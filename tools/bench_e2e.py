@@ -6,7 +6,8 @@
 Both train the same warm-started tiny Qwen2-architecture model (the embedded demo's) on the same
 addition prompts with the same reward functions (megagrpo's accuracy, format and tag_count,
 called by TRL as plain reward functions), num_generations, completion length, batch, learning
-rate, beta and loss type, on this machine's CPU, one after the other. Reported per engine: the
+rate, beta and loss type (one micro-batch of all 64 completions per step in both), on this machine's
+CPU, one after the other. Reported per engine: the
 wall time of training (model set-up excluded), completions per second, and the mean reward and
 accuracy of the last 5 steps.
 
@@ -29,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 SETTINGS = dict(
     num_generations=8,
-    completions_per_step=64,
+    completions_per_step=64,  # one generation batch and one optimizer step, one micro-batch
     max_completion_length=32,
     learning_rate=3e-4,
     beta=0.0,
@@ -68,6 +69,8 @@ def run_megagrpo(assets: str, steps: int, out: str) -> dict:
             "--num_generations",
             str(s["num_generations"]),
             "--per_device_train_batch_size",
+            str(s["completions_per_step"]),
+            "--micro_batch_size",  # TRL's one forward/backward pass over the 64
             str(s["completions_per_step"]),
             "--max_completion_length",
             str(s["max_completion_length"]),

@@ -122,6 +122,42 @@ def _broadcast_from_rank0(value, groups):
     return box[0]
 
 
+def _resume(t, modules, optimizer, arch, groups, resolved) -> int:
+    """Load the checkpoint to resume from, if any (removing interrupted saves first); returns
+    the step to start at."""
+    if groups.rank == 0:
+        for name in remove_interrupted_saves(t.output_dir):
+            print(f"removed {name}: a checkpoint save that was interrupted", flush=True)
+    checkpoint = resolve_resume(t.output_dir, t.resume_from_checkpoint)
+    if not checkpoint:
+        return 0
+    state = load_checkpoint(
+        checkpoint,
+        modules,
+        optimizer,
+        arch,
+        groups,
+        distributed_optimizer=resolved.use_distributed_optimizer and torch.cuda.is_available(),
+    )
+    return state.step
+
+
+def _metrics_logger(recipe: Recipe, groups) -> MetricsLogger:
+    t = recipe.training
+    return MetricsLogger(
+        t.output_dir,
+        report_to=t.report_to,
+        wandb=WandbSettings(
+            project=t.wandb_project,
+            entity=t.wandb_entity,
+            group=t.wandb_run_group,
+            run_name=t.run_name,
+            config=recipe_to_dict(recipe),
+        ),
+        enabled=groups.rank == 0,
+    )
+
+
 def build_run(recipe: Recipe) -> Run:
     """Assemble a run; every rank calls it."""
     validate_recipe(recipe)
@@ -161,33 +197,7 @@ def build_run(recipe: Recipe) -> Run:
     total_steps, steps_per_epoch = _broadcast_from_rank0(
         (data.total_steps, data.sampler.steps_per_epoch) if data else None, groups
     )
-    if groups.rank == 0:
-        for name in remove_interrupted_saves(t.output_dir):
-            print(f"removed {name}: a checkpoint save that was interrupted", flush=True)
-    checkpoint = resolve_resume(t.output_dir, t.resume_from_checkpoint)
-    start_step = 0
-    if checkpoint:
-        state = load_checkpoint(
-            checkpoint,
-            modules,
-            optimizer,
-            arch,
-            groups,
-            distributed_optimizer=resolved.use_distributed_optimizer and torch.cuda.is_available(),
-        )
-        start_step = state.step
-    logger = MetricsLogger(
-        t.output_dir,
-        report_to=t.report_to,
-        wandb=WandbSettings(
-            project=t.wandb_project,
-            entity=t.wandb_entity,
-            group=t.wandb_run_group,
-            run_name=t.run_name,
-            config=recipe_to_dict(recipe),
-        ),
-        enabled=groups.rank == 0,
-    )
+    start_step = _resume(t, modules, optimizer, arch, groups, resolved)
     run = Run(
         recipe=recipe,
         groups=groups,
@@ -201,7 +211,7 @@ def build_run(recipe: Recipe) -> Run:
         loss_type=get_loss_type(t.loss_type),
         loss=LossSettings.from_config(t),
         reference=reference,
-        logger=logger,
+        logger=_metrics_logger(recipe, groups),
         total_steps=total_steps,
         start_step=start_step,
         micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
