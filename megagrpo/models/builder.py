@@ -131,14 +131,21 @@ def build_transformer_config(
 
 
 def layer_spec(arch: ModelArch, *, use_te: bool):
-    """The transformer layer spec: Transformer Engine's, or megatron-core's local one."""
+    """The transformer layer spec: Transformer Engine's, or megatron-core's local one with torch
+    SDPA as its core attention (``sdpa_attention``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        normalization="RMSNorm", qk_layernorm=arch.qk_norm
+    import copy
+
+    from megagrpo.models.sdpa_attention import SDPAttention
+
+    spec = copy.deepcopy(
+        gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
     )
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def _mask_padded_vocab_hook(true_vocab: int, tp_group):
