@@ -79,6 +79,10 @@ def test_base_recipe_is_valid():
             ],
             ["dataset_mixture.test_split_size=1.0 must be in (0, 1)"],
         ),
+        (
+            ["--eval_strategy", "steps", "--eval_steps", "10", "--dataset_solution_column", ""],
+            ["eval_strategy='steps' scores the test split's answers", "dataset_solution_column"],
+        ),
         # rewards
         (["--reward_funcs", ""], ["reward_funcs is empty"]),
         (["--reward_funcs", "accuracy,code"], ["reward_funcs contains 'code'", "tag_count"]),

@@ -45,6 +45,12 @@ def _check_data(recipe: Recipe, errors: list[str]) -> None:
             f"set exactly one of dataset_name={s.dataset_name!r} and dataset_mixture"
             f"{'=<set>' if s.dataset_mixture else '=None'}"
         )
+    eval_strategy = recipe.training.eval_strategy
+    if eval_strategy != "no" and not s.dataset_solution_column:
+        errors.append(
+            f"eval_strategy={eval_strategy!r} scores the test split's answers, but "
+            "dataset_solution_column is empty: name the answer column, or set eval_strategy: no"
+        )
     mix = s.dataset_mixture
     if mix is None:
         return
