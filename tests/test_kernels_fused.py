@@ -6,30 +6,19 @@ log_softmax + gather in fp64 followed by the GRPO reference loss in fp64; the ba
 2x rule is the same computation in the logits' dtype.
 """
 
-import os
-import subprocess
-import sys
-
-from megagrpo_kernels.backend import prefer_interpreter_if_no_cuda
-
-TRITON_OK = prefer_interpreter_if_no_cuda()  # before anything imports triton
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from megagrpo_kernels import grpo_loss, logprob_grpo_loss, logprobs  # noqa: E402
-from megagrpo_kernels.reference import logprobs_eager  # noqa: E402
-from megagrpo_kernels.testing import check_error_rule, fp32_ulp, max_error, special_logits  # noqa: E402,E501
+import pytest
+import torch
+from _kernel_backends import (  # before triton is imported: its interpreter without CUDA
+    BACKENDS,
+    only_without_triton_here,
+    run_triton_cases_in_fresh_process,
+)
+from megagrpo_kernels import grpo_loss, logprob_grpo_loss, logprobs
+from megagrpo_kernels.reference import logprobs_eager
+from megagrpo_kernels.testing import check_error_rule, fp32_ulp, max_error, special_logits  # noqa: E501
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-NO_TRITON = (
-    "triton kernels need CUDA or TRITON_INTERPRET=1 set before triton's first import "
-    "(covered by test_triton_cases_in_fresh_process)"
-)
-BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
-    "torch",
-]
 N_ROWS = 16
 LOSS_OPTS = dict(epsilon_low=0.2, epsilon_high=0.28, delta=1.5, beta=0.04, tis_cap=2.0)
 
@@ -207,18 +196,7 @@ def test_sequence_levels_through_logits(backend, level):
     assert float(out.clip_region) == pytest.approx(float(ref.clip_region))
 
 
-@pytest.mark.skipif(
-    TRITON_OK or torch.cuda.is_available(), reason="the Triton cases ran in this process"
-)
+@only_without_triton_here
 def test_triton_cases_in_fresh_process():
-    """Something imported triton before this module could enable its interpreter: run this
-    file's Triton cases in a fresh interpreter-mode process."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    """Run this file's Triton cases in a fresh interpreter-mode process (see _kernel_backends)."""
+    run_triton_cases_in_fresh_process(__file__)

@@ -7,29 +7,19 @@ with it.
 """
 
 import math
-import os
-import subprocess
-import sys
 
-from megagrpo_kernels.backend import prefer_interpreter_if_no_cuda
-
-TRITON_OK = prefer_interpreter_if_no_cuda()  # before anything imports triton
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from megagrpo_kernels import grpo_loss  # noqa: E402
-from megagrpo_kernels.testing import check_error_rule, max_error  # noqa: E402
+import pytest
+import torch
+from _kernel_backends import (  # before triton is imported: its interpreter without CUDA
+    BACKENDS,
+    only_without_triton_here,
+    run_triton_cases_in_fresh_process,
+)
+from megagrpo_kernels import grpo_loss
+from megagrpo_kernels.testing import check_error_rule, max_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-NO_TRITON = (
-    "triton kernels need CUDA or TRITON_INTERPRET=1 set before triton's first import "
-    "(covered by test_triton_cases_in_fresh_process)"
-)
-BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
-    "torch",
-]
 LEVELS = ["token", "sequence", "sequence_token"]
 OPTIONS = {
     "plain": dict(epsilon_low=0.2, epsilon_high=0.2),
@@ -322,18 +312,7 @@ def test_bad_input_is_named():
         grpo_loss(torch.zeros(2, 4, dtype=torch.long), None, None, adv)
 
 
-@pytest.mark.skipif(
-    TRITON_OK or torch.cuda.is_available(), reason="the Triton cases ran in this process"
-)
+@only_without_triton_here
 def test_triton_cases_in_fresh_process():
-    """Something imported triton before this module could enable its interpreter: run this
-    file's Triton cases in a fresh interpreter-mode process."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton", __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    """Run this file's Triton cases in a fresh interpreter-mode process (see _kernel_backends)."""
+    run_triton_cases_in_fresh_process(__file__)

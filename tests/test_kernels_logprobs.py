@@ -11,27 +11,22 @@ import os
 import subprocess
 import sys
 
-from megagrpo_kernels.backend import prefer_interpreter_if_no_cuda
-
-TRITON_OK = prefer_interpreter_if_no_cuda()  # before anything imports triton
-
-import megagrpo_kernels  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from megagrpo_kernels import logprobs  # noqa: E402
-from megagrpo_kernels.reference import logprobs_eager  # noqa: E402
-from megagrpo_kernels.testing import check_error_rule, max_error, special_logits  # noqa: E402
+import megagrpo_kernels
+import pytest
+import torch
+from _kernel_backends import (  # before triton is imported: its interpreter without CUDA
+    BACKENDS,
+    NO_TRITON,
+    TRITON_OK,
+    only_without_triton_here,
+    run_triton_cases_in_fresh_process,
+)
+from megagrpo_kernels import logprobs
+from megagrpo_kernels.reference import logprobs_eager
+from megagrpo_kernels.testing import check_error_rule, max_error, special_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
-NO_TRITON = (
-    "triton kernels need CUDA or TRITON_INTERPRET=1 set before triton's first import "
-    "(covered by test_triton_cases_in_fresh_process)"
-)
-BACKENDS = [
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)),
-    "torch",
-]
 N_ROWS = 16
 ATOL = 1e-6
 
@@ -230,31 +225,10 @@ def test_default_backend_is_torch_on_cpu_and_import_is_cheap():
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
-@pytest.mark.skipif(
-    TRITON_OK or torch.cuda.is_available(), reason="the Triton cases ran in this process"
-)
+@only_without_triton_here
 def test_triton_cases_in_fresh_process():
-    """Something imported triton before this module could enable its interpreter (transformers
-    and megatron-core do): run this file's Triton cases in a fresh interpreter-mode process."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            "triton or offsets or rounds",
-            __file__,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    """This file's Triton and 64-bit offset cases in a fresh process (see _kernel_backends)."""
+    run_triton_cases_in_fresh_process(__file__, "triton or offsets or rounds")
 
 
 @pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)
