@@ -138,13 +138,7 @@ def _dry_run(recipe, args) -> int:
 
     world = args.world_size or recipe.megatron.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     arch = resolve_arch(recipe.model.model_name_or_path)
-    layout = validate_layout(
-        recipe,
-        world_size=world,
-        num_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-    )
+    layout = validate_layout(recipe, world_size=world, **arch.layout_dims())
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 prints the plan
         return 0
     print("# resolved recipe")

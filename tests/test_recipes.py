@@ -43,13 +43,7 @@ def test_recipe_parses_validates_and_fits(path, tiny_checkpoint):
     validate_recipe(recipe)
     arch = resolve_arch(recipe.model.model_name_or_path)
     world = recipe.megatron.world_size or DEFAULT_WORLD[name]
-    layout = validate_layout(
-        recipe,
-        world_size=world,
-        num_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-    )
+    layout = validate_layout(recipe, world_size=world, **arch.layout_dims())
     assert layout.world_size == world and layout.tp * layout.pp * layout.dp == world
     if name != "cpu-demo.yaml":  # the GPU recipes fit an 80 GiB H100 during the update
         est = estimate_memory(recipe, arch, dp=layout.dp, gpu_memory_bytes=80 * GIB)
@@ -64,10 +58,4 @@ def test_the_70b_layout():
     ) == (8, 4)
     arch = resolve_arch(recipe.model.model_name_or_path)
     with pytest.raises(ConfigError, match="world_size=32 in the recipe, but the run has 16"):
-        validate_layout(
-            recipe,
-            world_size=16,
-            num_layers=arch.num_layers,
-            num_attention_heads=arch.num_attention_heads,
-            num_query_groups=arch.num_query_groups,
-        )
+        validate_layout(recipe, world_size=16, **arch.layout_dims())

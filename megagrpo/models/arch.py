@@ -82,6 +82,14 @@ class ModelArch:
     def hf_architecture(self) -> str:
         return _FAMILIES[self.family]
 
+    def layout_dims(self) -> dict[str, int]:
+        """The sizes ``config.validate_layout`` checks a parallel layout against."""
+        return {
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_query_groups": self.num_query_groups,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")

@@ -166,13 +166,7 @@ def build_run(recipe: Recipe) -> Run:
     groups = init_distributed(mc, seed=t.seed, timeout_minutes=mc.distributed_timeout_minutes)
     model_dir = resolve_model_dir(recipe.model.model_name_or_path, recipe.model.model_revision)
     arch = load_arch(model_dir)
-    validate_layout(
-        recipe,
-        world_size=groups.world_size,
-        num_layers=arch.num_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-    )
+    validate_layout(recipe, world_size=groups.world_size, **arch.layout_dims())
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
