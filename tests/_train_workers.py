@@ -146,30 +146,11 @@ def update_worker(hf_dir, tp, pp, batch, loss_type_name, settings, need_old):
 
 def demo_run_worker(demo_dir, out_dir, overrides, tp=1, pp=1):
     """Train the demo recipe (its data and warm-started model already in demo_dir)."""
-    import os
-
-    from megagrpo.config import load_recipe
-    from megagrpo.demo.grpo_demo import DEMO_RECIPE
+    from megagrpo.demo.grpo_demo import demo_recipe_at
     from megagrpo.training import build_run, train
 
-    recipe = load_recipe(
-        DEMO_RECIPE,
-        [
-            "--model_name_or_path",
-            os.path.join(demo_dir, "model"),
-            "--dataset_name",
-            os.path.join(demo_dir, "data"),
-            "--output_dir",
-            out_dir,
-            "--tensor_model_parallel_size",
-            str(tp),
-            "--pipeline_model_parallel_size",
-            str(pp),
-            "--num_reward_workers",
-            "1",
-            *overrides,
-        ],
-    )
+    parallel = ["--tensor_model_parallel_size", str(tp), "--pipeline_model_parallel_size", str(pp)]
+    recipe = demo_recipe_at(demo_dir, out_dir, [*parallel, "--num_reward_workers", "1", *overrides])
     run = build_run(recipe)
     history = train(run)
     return history if run.groups.rank == 0 else None

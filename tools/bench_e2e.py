@@ -50,20 +50,14 @@ def _summary(history: list[dict], reward_key: str, acc_key: str) -> dict:
 
 
 def run_megagrpo(assets: str, steps: int, out: str) -> dict:
-    from megagrpo.config import load_recipe
-    from megagrpo.demo.grpo_demo import DEMO_RECIPE
+    from megagrpo.demo.grpo_demo import demo_recipe_at
     from megagrpo.training import build_run, train
 
     s = SETTINGS
-    recipe = load_recipe(
-        DEMO_RECIPE,
+    recipe = demo_recipe_at(
+        assets,
+        out,
         [
-            "--model_name_or_path",
-            os.path.join(assets, "model"),
-            "--dataset_name",
-            os.path.join(assets, "data"),
-            "--output_dir",
-            out,
             "--max_steps",
             str(steps),
             "--num_generations",

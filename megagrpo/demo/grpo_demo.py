@@ -37,18 +37,24 @@ def prepare_demo(output_dir: str) -> tuple[str, str]:
 
 
 def demo_recipe(output_dir: str, overrides: list[str] | None = None):
+    """The demo recipe, its assets built (or reused) in ``output_dir``, the run in ``run/``."""
+    prepare_demo(output_dir)
+    return demo_recipe_at(output_dir, os.path.join(output_dir, "run"), overrides)
+
+
+def demo_recipe_at(assets_dir: str, run_dir: str, overrides: list[str] | None = None):
+    """The demo recipe on assets ``prepare_demo`` built in ``assets_dir``, writing ``run_dir``."""
     from megagrpo.config import load_recipe
 
-    data_dir, model_dir = prepare_demo(output_dir)
     return load_recipe(
         DEMO_RECIPE,
         [
             "--model_name_or_path",
-            model_dir,
+            os.path.join(assets_dir, "model"),
             "--dataset_name",
-            data_dir,
+            os.path.join(assets_dir, "data"),
             "--output_dir",
-            os.path.join(output_dir, "run"),
+            run_dir,
             *(overrides or []),
         ],
     )
