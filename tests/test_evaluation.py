@@ -13,7 +13,7 @@ from megagrpo.demo.tokenizer import build_demo_tokenizer
 from megagrpo.demo.warm_start import demo_completion
 from megagrpo.rewards import RewardPool, RewardPoolConfig, build_reward_functions
 from megagrpo.rollout.protocol import Sample
-from megagrpo.training.evaluation import accuracy_metrics, reward_metrics, score_eval
+from megagrpo.training.evaluation import accuracy_metrics, eval_reward_metrics, score_eval
 
 TEST = Dataset.from_list(
     [
@@ -78,7 +78,7 @@ def test_metrics_from_the_configured_rewards_and_the_accuracy_fallback(tok):
             "eval/pass@3": 1.0,
             "eval/num_prompts": 2.0,
         }
-        r = reward_metrics(g_scores, s_scores)
+        r = eval_reward_metrics(g_scores, s_scores)
         # greedy: (1 + 0.5 * 1) and (0 + 0.5 * 0); samples: formatted ones earn the 0.5
         assert r["eval/reward"] == pytest.approx((1.5 + 0.0) / 2)
         assert r["eval/rewards/accuracy_reward/mean"] == pytest.approx(0.5)
@@ -93,7 +93,7 @@ def test_metrics_from_the_configured_rewards_and_the_accuracy_fallback(tok):
             format_only.close()
         assert fallback_calls == [1]
         assert f_acc.tolist() == s_acc.tolist()
-        assert reward_metrics(f_scores, f_scores)["eval/rewards/format_reward/mean"] == 0.5
+        assert eval_reward_metrics(f_scores, f_scores)["eval/rewards/format_reward/mean"] == 0.5
     finally:
         configured.close()
         accuracy_only.close()

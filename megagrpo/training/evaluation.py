@@ -47,19 +47,15 @@ def accuracy_metrics(greedy_p1: torch.Tensor, sampled_pk: torch.Tensor) -> dict[
     }
 
 
-def _nanmean(x: torch.Tensor) -> float:
-    return x.nanmean().item() if bool((~x.isnan()).any()) else float("nan")
-
-
-def reward_metrics(greedy, sampled) -> dict[str, float]:
+def eval_reward_metrics(greedy, sampled) -> dict[str, float]:
     """The greedy completions' weighted reward and per-function means, the samples' reward."""
     k = sampled.rewards_nk.shape[0] // max(greedy.rewards_nk.shape[0], 1)
     out = {
-        "eval/reward": _nanmean(greedy.total_n()),
-        f"eval/reward@{k}": _nanmean(sampled.total_n()),
+        "eval/reward": greedy.total_n().nanmean().item(),
+        f"eval/reward@{k}": sampled.total_n().nanmean().item(),
     }
     for j, name in enumerate(greedy.names):
-        out[f"eval/rewards/{name}/mean"] = _nanmean(greedy.rewards_nk[:, j])
+        out[f"eval/rewards/{name}/mean"] = greedy.rewards_nk[:, j].nanmean().item()
     return out
 
 
@@ -95,5 +91,5 @@ def evaluate(run) -> dict[str, float] | None:
     greedy_scores, greedy_acc = score_eval(driver.generate_now(requests, greedy), *common)
     sampled_scores, sampled_acc = score_eval(driver.generate_now(requests, sampled), *common)
     metrics = accuracy_metrics(greedy_acc, sampled_acc)
-    metrics.update(reward_metrics(greedy_scores, sampled_scores))
+    metrics.update(eval_reward_metrics(greedy_scores, sampled_scores))
     return metrics
