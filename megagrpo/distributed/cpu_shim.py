@@ -88,7 +88,7 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
+        if func is torch.Tensor.to and args:  # t.to("cuda") / t.to(0); new_*'s ints are sizes
             args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
         if func is torch.Tensor.pin_memory:
             return args[0]

@@ -9,8 +9,14 @@
   run in parallel and the groups come back in request order. An engine that dies or stops
   answering is restarted (spawned pools), given the current weights, and its shard re-issued.
 - ``update_weights``: one broadcast to every engine over the sync group (``weight_sync.py``);
-  the group is built once and rebuilt after a restart. With ``keep_weights_copy`` the pool keeps
-  the last weights in host memory so a restarted engine can be brought to the current version.
+  the group is built once and rebuilt after a restart. A pool that spawned its engines keeps the
+  last weights in host memory (``keep_weights_copy``) so a restarted engine can be brought to the
+  current version; a pool of servers it did not start cannot restart them and keeps no copy.
+
+Spawned vLLM engines get one GPU group each (``CUDA_VISIBLE_DEVICES``: ``devices[i]``, else GPUs
+``i*tp .. i*tp+tp-1``) and their ``VLLMConfig`` as ``--vllm-*`` flags. Servers named in
+``server_addresses`` may still be starting: the pool retries each for ``connect_timeout_s``,
+then fails naming the address.
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ from dataclasses import dataclass, field
 import torch
 
 from megagrpo.rollout import wire
+from megagrpo.rollout.colocated import contiguous_bounds
 from megagrpo.rollout.protocol import RolloutRequest, Sample, SamplingParams, resolve_seeds
+from megagrpo.rollout.vllm_engine import VLLMConfig, vllm_flags
 from megagrpo.rollout.weight_sync import (
     GroupSpec,
     StatelessGroup,
     SyncStats,
     WeightSyncConfig,
+    default_sync_host,
     send_weights,
 )
 
@@ -57,19 +66,28 @@ class RolloutPoolConfig:
     dtype: str = "float32"
     """Model dtype of the engines."""
     devices: list[str] = field(default_factory=list)
-    """Device per spawned engine (``cuda:0``, ...); empty: CPU."""
+    """Per spawned engine: its device (transformers: ``cuda:0``, ...; empty: CPU), or its GPUs
+    (vLLM: ``CUDA_VISIBLE_DEVICES`` such as ``"2,3"``; empty: ``tensor_parallel_size`` GPUs per
+    engine in order when CUDA is available)."""
+    vllm: VLLMConfig | None = None
+    """Settings of spawned vLLM engines (``engine="vllm"``): TP, memory, lengths, seed."""
     max_batch_size: int = 1024
     """Rows decoded together by each transformers engine."""
     server_addresses: list[str] = field(default_factory=list)
     """``host:port`` of running ``megagrpo rollout-server`` processes to use instead of spawning."""
     start_timeout_s: float = 300.0
     """How long a spawned engine may take to load its model."""
+    connect_timeout_s: float = 240.0
+    """How long to keep trying a server of ``server_addresses`` (``vllm_server_timeout``)."""
     request_timeout_s: float = 3600.0
     """How long one shard may take before its engine counts as hung."""
     max_restarts: int = 3
     """Restarts per engine within one ``generate`` call before giving up."""
     keep_weights_copy: bool = True
-    """Keep the last broadcast weights in host memory to bring restarted engines up to date."""
+    """Spawned engines: keep the last broadcast weights in host memory to bring restarted
+    engines up to date (servers the pool did not start are never restarted: no copy)."""
+    record_weight_digests: bool = False
+    """Spawned vLLM engines hash every update's tensors so ``weights_digests`` can check them."""
     log_dir: str | None = None
     """Where the engines' stdout / stderr go (default: a temporary directory)."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
@@ -86,6 +104,10 @@ class RolloutPoolConfig:
             host, _, port = a.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"RolloutPoolConfig.server_addresses: {a!r} is not host:port")
+        if self.engine not in ("transformers", "vllm"):
+            raise ValueError(
+                f"RolloutPoolConfig.engine must be transformers or vllm, got {self.engine!r}"
+            )
 
 
 class EngineCrashed(RuntimeError):
@@ -163,14 +185,36 @@ class RolloutPool:
             "--port", "0", "--ready-file", ready, "--num-threads", str(threads),
             "--max-batch-size", str(c.max_batch_size), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
-        if c.devices:
-            cmd += ["--device", c.devices[e.index % len(c.devices)]]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if c.engine == "vllm":
+            cmd += vllm_flags(c.vllm or VLLMConfig(mode="server"))
+            if c.record_weight_digests:
+                cmd.append("--record-weight-digests")
+            gpus = self._vllm_gpus(e.index)
+            if gpus is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpus
+        elif c.devices:
+            cmd += ["--device", c.devices[e.index % len(c.devices)]]
         log = open(os.path.join(self.log_dir, f"engine{e.index}.log"), "ab")
         e.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         self._procs.append(e.proc)
         e.address = None
+
+    def _vllm_gpus(self, index: int) -> str | None:
+        """CUDA_VISIBLE_DEVICES of spawned vLLM engine ``index`` (None: leave it alone)."""
+        if self.config.devices:
+            return self.config.devices[index].removeprefix("cuda:")
+        if not torch.cuda.is_available():
+            return None
+        tp = (self.config.vllm or VLLMConfig()).tensor_parallel_size
+        first = index * tp
+        if first + tp > torch.cuda.device_count():
+            raise ValueError(
+                f"vLLM engine {index} needs GPUs {first}..{first + tp - 1}, this machine has "
+                f"{torch.cuda.device_count()}"
+            )
+        return ",".join(str(first + g) for g in range(tp))
 
     def _log_tail(self, e: _Engine, chars: int = 3000) -> str:
         try:
@@ -199,9 +243,28 @@ class RolloutPool:
         self._connect(e)
 
     def _connect(self, e: _Engine) -> None:
-        e.sock = socket.create_connection(e.address, timeout=self.config.start_timeout_s)
-        e.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        info = wire.call(e.sock, {"cmd": "info"})
+        """Connect and ask for ``info``; a server given by address is retried until
+        ``connect_timeout_s`` (it may still be loading its model)."""
+        wait = self.config.start_timeout_s if self.spawned else self.config.connect_timeout_s
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                e.sock = socket.create_connection(e.address, timeout=max(0.1, deadline - time.monotonic()))
+                e.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                info = wire.call(e.sock, {"cmd": "info"})
+                break
+            except (OSError, ConnectionError) as err:
+                if e.sock is not None:
+                    e.sock.close()
+                    e.sock = None
+                if time.monotonic() >= deadline:
+                    host, port = e.address
+                    raise EngineCrashed(
+                        f"rollout server {host}:{port} did not answer within {wait:g}s "
+                        f"({type(err).__name__}: {err}); is megagrpo rollout-server running "
+                        "there (vllm_server_addresses / vllm_server_host, vllm_server_timeout)?"
+                    ) from err
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         e.receivers = int(info["receivers"])
         e.sock.settimeout(self.config.request_timeout_s)
 
@@ -259,16 +322,6 @@ class RolloutPool:
     def engine_pids(self) -> list[int | None]:
         return [e.proc.pid if e.proc is not None else None for e in self.engines]
 
-    def _shards(self, n_requests: int) -> list[tuple[int, int]]:
-        k = len(self.engines)
-        base, extra = divmod(n_requests, k)
-        bounds, start = [], 0
-        for i in range(k):
-            size = base + (1 if i < extra else 0)
-            bounds.append((start, start + size))
-            start += size
-        return bounds
-
     def _run_shard(self, e: _Engine, requests, sampling) -> list[list[Sample]]:
         msg = wire.generate_message(requests, sampling)
         while True:
@@ -291,7 +344,7 @@ class RolloutPool:
             for e in self.engines:
                 e.restarts = 0
             work = [
-                (e, requests[a:b]) for e, (a, b) in zip(self.engines, self._shards(len(requests)))
+                (e, requests[a:b]) for e, (a, b) in zip(self.engines, contiguous_bounds(len(requests), len(self.engines)))
             ]
             work = [(e, shard) for e, shard in work if shard]
             with ThreadPoolExecutor(max_workers=max(1, len(work))) as ex:
@@ -306,7 +359,7 @@ class RolloutPool:
 
         ws = self.config.weight_sync
         return GroupSpec(
-            host=ws.host,
+            host=ws.host or default_sync_host(e.address[0] for e in self.engines),
             port=free_port(),
             world_size=world_size,
             backend=self._backend(),
@@ -350,7 +403,7 @@ class RolloutPool:
                 rank += e.receivers
             if new_group:
                 self._group = StatelessGroup(spec, 0)
-            copy = {} if self.config.keep_weights_copy else None
+            copy = {} if self.config.keep_weights_copy and self.spawned else None
 
             def keep(name, tensor):
                 copy[name] = tensor.detach().to("cpu", copy=True)

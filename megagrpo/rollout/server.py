@@ -15,7 +15,6 @@ checks), ``shutdown``. The server serves one connection at a time, one command a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import socket
@@ -26,6 +25,11 @@ import traceback
 from dataclasses import dataclass
 
 from megagrpo.rollout import wire
+from megagrpo.rollout.vllm_engine import (
+    VLLMConfig,
+    add_vllm_arguments,
+    vllm_config_from_args,
+)
 
 
 @dataclass
@@ -50,12 +54,13 @@ class RolloutServerConfig:
     """Device of the transformers engine."""
     max_batch_size: int = 1024
     """Rows decoded together by the transformers engine."""
-    vllm_tensor_parallel_size: int = 1
-    """vLLM tensor-parallel GPUs of this server."""
-    vllm_gpu_memory_utilization: float = 0.9
-    """Fraction of each GPU vLLM may take."""
+    vllm: VLLMConfig | None = None
+    """The vLLM engine (``engine="vllm"``; its model and dtype are this config's)."""
     parent_pid: int | None = None
     """Exit when this process is gone (set by the pool so no server outlives it)."""
+    record_weight_digests: bool = False
+    """vLLM: keep a sha256 of every tensor of each update for ``weights_digest`` (checks; the
+    transformers engine hashes its live weights instead)."""
 
     def __post_init__(self):
         if self.engine not in ("transformers", "vllm"):
@@ -79,17 +84,10 @@ def build_engine(cfg: RolloutServerConfig):
                 num_threads=cfg.num_threads,
             )
         )
-    from megagrpo.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from megagrpo.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine.from_config(
-        VLLMConfig(
-            model=cfg.model,
-            dtype=cfg.dtype if cfg.dtype != "float32" else "auto",
-            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-            mode="server",
-        )
-    )
+    vllm = cfg.vllm or VLLMConfig(model=cfg.model, mode="server", dtype=cfg.dtype)
+    return VLLMEngine.from_config(vllm)
 
 
 class RolloutServer:
@@ -146,12 +144,12 @@ class RolloutServer:
         return {"weight_version": self.engine.weight_version, "tensors": count}
 
     def _weights_digest(self, msg):
-        import torch
+        from megagrpo.rollout.weight_sync import tensor_digest
 
-        digests = {}
-        for name, t in self.engine.state_dict_copy().items():
-            raw = t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
-            digests[name] = [str(t.dtype), list(t.shape), hashlib.sha256(raw).hexdigest()]
+        if hasattr(self.engine, "weights_digest"):  # vLLM: computed inside its workers
+            digests = self.engine.weights_digest()
+        else:
+            digests = {n: tensor_digest(t) for n, t in self.engine.state_dict_copy().items()}
         return {"digests": digests, "weight_version": self.engine.weight_version}
 
     def _shutdown(self, msg):
@@ -220,9 +218,10 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu", help="device of the transformers engine")
     p.add_argument("--max-batch-size", type=int, default=1024)
-    p.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9)
+    add_vllm_arguments(p)
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this pid is gone")
+    p.add_argument("--record-weight-digests", action="store_true",
+                   help="vLLM: hash each update's tensors for weights_digest (checks)")  # fmt: skip
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -230,6 +229,8 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         known = RolloutServerConfig.__dataclass_fields__
         cfg = RolloutServerConfig(**{k: v for k, v in vars(args).items() if k in known})
+        if cfg.engine == "vllm":
+            cfg.vllm = vllm_config_from_args(args, model=cfg.model, dtype=cfg.dtype)
     except (TypeError, ValueError) as e:
         print(f"megagrpo rollout-server: error: {e}", file=sys.stderr)
         return 2
@@ -240,6 +241,8 @@ def run_server(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.num_threads)
     engine = build_engine(cfg)
+    if cfg.record_weight_digests and hasattr(engine, "record_digests"):
+        engine.record_digests()
     server = RolloutServer(engine, cfg)
     if cfg.ready_file:
         _write_ready(cfg.ready_file, server.port)

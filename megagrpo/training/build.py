@@ -3,8 +3,8 @@ preparation and model setup).
 
 ``build_run(recipe)`` starts the distributed groups, resolves the model directory, loads the
 tokenizer and (on global rank 0) the prompt data, builds the megatron policy (DDP-wrapped) and
-its optimizer, the frozen reference model when beta > 0, the rollout engine and reward pool (rank
-0), the metrics logger, and resumes from the newest complete checkpoint when there is one.
+its optimizer, the frozen reference model when beta > 0, the rollout engine (rank 0, or every rank
+with colocated vLLM) and the reward pool (rank 0), the metrics logger, and resumes from the newest complete checkpoint when there is one.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from megagrpo.training.lr_schedule import LRSchedule, schedule_from_config
 from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
 from megagrpo.training.policy_update import LossSettings
 from megagrpo.training.reference import ReferenceModel
+from megagrpo.training.rollout_engines import engine_share
 
 
 @dataclass
@@ -58,9 +59,10 @@ class Run:
     micro_batch_size: int
     steps_per_epoch: int
     data: Any = None
-    """Rank 0: the prompt data (``megagrpo.training.prompt_data.PromptData``)."""
+    """Ranks holding an engine: the prompt data (``megagrpo.training.prompt_data.PromptData``)."""
     rollout: Any = None
-    """Rank 0: the rollout driver (``megagrpo.training.rollout_driver.RolloutDriver``)."""
+    """Ranks holding an engine (rank 0; every rank with colocated vLLM): the rollout driver
+    (``megagrpo.training.rollout_driver.RolloutDriver``)."""
 
     @property
     def device(self):
@@ -183,8 +185,9 @@ def build_run(recipe: Recipe) -> Run:
         load_hf_weights(ref, source, arch, groups)
         reference = ReferenceModel(ref, offload=t.ref_model_offload)
 
+    share = engine_share(t, groups)  # collective with colocated vLLM: every rank, in order
     data = None
-    if groups.rank == 0:
+    if share is not None:  # rank 0, or every rank with colocated vLLM (each makes requests)
         from megagrpo.training.prompt_data import load_prompt_data
 
         data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
@@ -212,10 +215,10 @@ def build_run(recipe: Recipe) -> Run:
         steps_per_epoch=steps_per_epoch,
         data=data,
     )
-    if groups.rank == 0:
+    if share is not None:
         from megagrpo.training.rollout_driver import RolloutDriver
 
-        run.rollout = RolloutDriver.create(run)
+        run.rollout = RolloutDriver.create(run, share)
     return run
 
 

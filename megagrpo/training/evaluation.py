@@ -1,6 +1,6 @@
 """Evaluation on the test split (the seed's "track overall model performance").
 
-At step 0, every ``eval_steps`` and at the end of training, global rank 0 generates with the
+At step 0, every ``eval_steps`` and at the end of training, the rollout engines generate with the
 current weights, for each test prompt, one greedy completion and ``eval_num_generations`` (k)
 completions sampled at the training temperature, and scores them with the configured reward
 functions through the training reward pool. It logs:
@@ -13,7 +13,8 @@ functions through the training reward pool. It logs:
 - ``eval/num_prompts``.
 
 When the recipe does not train on ``accuracy_reward``, correctness is scored by a separate small
-accuracy-only pool. Other ranks do nothing during evaluation (it uses no collective).
+accuracy-only pool. With colocated vLLM every rank generates its share of the test prompts and
+rank 0 gathers them; otherwise the other ranks do nothing during evaluation.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ def score_eval(groups, test, tokenizer, scorer, reward_columns, fallback_scorer)
 
 
 def evaluate(run) -> dict[str, float] | None:
-    """Evaluate on rank 0; returns the metrics (None elsewhere) for the step's log record."""
-    if run.groups.rank != 0 or run.data.test is None:
+    """Evaluate; returns the metrics on rank 0 (None elsewhere) for the step's log record.
+
+    Every rank holding an engine generates its share (colocated vLLM); rank 0 scores."""
+    if run.rollout is None or run.data.test is None:
         return None
     t = run.recipe.training
     driver = run.rollout
@@ -85,9 +88,13 @@ def evaluate(run) -> dict[str, float] | None:
     requests = eval_requests(test, t.seed)
     greedy = dataclasses.replace(driver.sampling, n=1, temperature=0.0)
     sampled = dataclasses.replace(driver.sampling, n=t.eval_num_generations)
+    greedy_groups = driver.generate_now(requests, greedy)
+    sampled_groups = driver.generate_now(requests, sampled)
+    if not driver.share.is_root:
+        return None
     common = (test, run.tokenizer, driver.scorer, run.data.reward_columns, driver.eval_scorer)
-    greedy_scores, greedy_acc = score_eval(driver.generate_now(requests, greedy), *common)
-    sampled_scores, sampled_acc = score_eval(driver.generate_now(requests, sampled), *common)
+    greedy_scores, greedy_acc = score_eval(greedy_groups, *common)
+    sampled_scores, sampled_acc = score_eval(sampled_groups, *common)
     metrics = accuracy_metrics(greedy_acc, sampled_acc)
     metrics.update(eval_reward_metrics(greedy_scores, sampled_scores))
     return metrics

@@ -29,12 +29,14 @@ def train(run) -> list[dict]:
     t = run.recipe.training
     if run.start_step > 0:  # a resumed policy: the engines still hold the initial weights
         push_weights(run, version=run.start_step, direct=True)
-    if run.groups.rank == 0:
+    if run.rollout is not None:
         run.rollout.start(run.start_step, run.total_steps)
-        if t.eval_strategy != "no" and run.start_step == 0:  # the starting point, as step 0
-            from megagrpo.training.evaluation import evaluate
+    if t.eval_strategy != "no" and run.start_step == 0:  # the starting point, as step 0
+        from megagrpo.training.evaluation import evaluate
 
-            run.logger.log(0, evaluate(run))
+        metrics = evaluate(run)
+        if run.groups.rank == 0:
+            run.logger.log(0, metrics)
     history = []
     progress = StepProgress(run.total_steps, run.start_step, enabled=run.groups.rank == 0)
     try:
@@ -42,7 +44,7 @@ def train(run) -> list[dict]:
             timer = StepTimer(progress)
             with timer("rollout"):
                 data = broadcast_step(
-                    run.rollout.step_data(step) if run.groups.rank == 0 else None, run.groups
+                    run.rollout.step_data(step) if run.rollout is not None else None, run.groups
                 )
             mbs = [
                 mb.to(run.device)
@@ -79,7 +81,7 @@ def train(run) -> list[dict]:
             progress.step_done(metrics)
         export_final_model(run)
     finally:
-        if run.groups.rank == 0:
+        if run.rollout is not None:
             run.rollout.close()
         progress.close()
         run.logger.close()
@@ -138,7 +140,7 @@ def gradients_are_finite(run) -> bool:
 def push_weights(run, *, version: int, direct: bool = False) -> None:
     """Megatron weights -> HF names -> the rollout engines (every rank takes part)."""
     target = None
-    if run.groups.rank == 0:
+    if run.rollout is not None:
         target = run.rollout.engine if direct else run.rollout.weight_target()
     sync_weights_from_megatron(run.modules, run.arch, run.groups, target, version)
 

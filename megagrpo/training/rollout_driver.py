@@ -1,9 +1,11 @@
-"""Global rank 0's side of rollouts: the engine, the async producer and the reward pool.
+"""The rollout side of training: the engine, the async producer and the reward pool.
 
-``RolloutDriver.create(run)`` builds the engine the recipe asks for (embedded transformers
-engine, a pool of engine processes, or vLLM), the reward pool, and a producer that generates the
-steps' batches in order (``async_max_staleness`` ahead at most). ``step_data(step)`` returns the
-scored, advantage-weighted StepData of a step.
+``RolloutDriver.create(run)`` builds, on each rank that holds an engine (global rank 0; every
+rank with colocated vLLM, see ``rollout_engines``), the engine the recipe asks for, a producer
+that generates this rank's share of the steps' batches in order (``async_max_staleness`` ahead
+at most), and on rank 0 the reward pool. ``step_data(step)`` gathers the step's groups on rank
+0 and returns them scored and advantage-weighted there (None on other ranks); every rank that
+holds an engine calls it, in step order.
 """
 
 from __future__ import annotations
@@ -13,32 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from megagrpo.rollout.async_rollout import AsyncRollout, AsyncRolloutConfig
-from megagrpo.rollout.config import RolloutConfig, build_rollout_engine
+from megagrpo.rollout.colocated import EngineShare
 from megagrpo.rollout.protocol import SamplingParams
+from megagrpo.training.rollout_engines import build_rollout_engine
 from megagrpo.training.rollout_step import StepData, requests_for, score_and_advantage
-
-
-def rollout_config(training) -> RolloutConfig:
-    return RolloutConfig(
-        use_vllm=training.use_vllm,
-        vllm_mode=training.vllm_mode,
-        vllm_gpu_memory_utilization=training.vllm_gpu_memory_utilization,
-        vllm_tensor_parallel_size=training.vllm_tensor_parallel_size,
-        vllm_enable_sleep_mode=training.vllm_enable_sleep_mode,
-        vllm_server_host=training.vllm_server_host,
-        vllm_server_port=training.vllm_server_port,
-        vllm_server_addresses=list(training.vllm_server_addresses),
-        rollout_num_engines=training.rollout_num_engines,
-        rollout_threads_per_engine=training.rollout_threads_per_engine,
-        rollout_max_batch_size=training.rollout_max_batch_size,
-        weight_sync_bucket_mb=training.weight_sync_bucket_mb,
-    )
 
 
 @dataclass
 class RolloutDriver:
     engine: Any
+    share: EngineShare
     scorer: Any
+    """Rank 0's reward pool (None elsewhere)."""
     sampling: SamplingParams
     data: Any
     tokenizer: Any
@@ -49,17 +37,25 @@ class RolloutDriver:
     _eval_scorer: Any = None
 
     @classmethod
-    def create(cls, run) -> RolloutDriver:
+    def create(cls, run, share: EngineShare) -> RolloutDriver:
         from megagrpo.rewards import RewardPool, RewardPoolConfig, build_reward_functions
 
         t, script = run.recipe.training, run.recipe.script
-        device = "cuda" if run.device.type == "cuda" else "cpu"
-        engine = build_rollout_engine(rollout_config(t), run.model_dir, device=device)
+        completions = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        engine = build_rollout_engine(
+            t, run.model_dir, run.arch, share,
+            completions_per_step=completions * run.groups.dp_size,
+            on_gpu=run.device.type == "cuda",
+        )  # fmt: skip
+        scorer = None
+        if share.is_root:
+            scorer = RewardPool(
+                build_reward_functions(script), RewardPoolConfig.from_script_args(script)
+            )
         return cls(
             engine=engine,
-            scorer=RewardPool(
-                build_reward_functions(script), RewardPoolConfig.from_script_args(script)
-            ),
+            share=share,
+            scorer=scorer,
             sampling=SamplingParams.from_config(t),
             data=run.data,
             tokenizer=run.tokenizer,
@@ -74,21 +70,25 @@ class RolloutDriver:
         def batches():
             for step in range(first_step, total_steps):
                 rows = self.data.sampler.rows_at(step)
-                yield requests_for(rows, self.data.train, step, self.training.seed), self.sampling
+                requests = requests_for(rows, self.data.train, step, self.training.seed)
+                yield self.share.mine(requests), self.sampling
 
         self.producer = AsyncRollout(
             self.engine, batches(), AsyncRolloutConfig(self.training.async_max_staleness)
         )
 
-    def step_data(self, step: int) -> StepData:
+    def step_data(self, step: int) -> StepData | None:
         t0 = time.perf_counter()
         batch = self.producer.get()
-        waited = time.perf_counter() - t0
         if self.first_step + batch.index != step:
             raise RuntimeError(f"rollout batch {batch.index} arrived for step {step}")
+        groups = self.share.gather(batch.groups)
+        waited = time.perf_counter() - t0
+        if not self.share.is_root:
+            return None
         rows = self.data.sampler.rows_at(step)
         data = score_and_advantage(
-            batch.groups,
+            groups,
             rows,
             self.data.train,
             self.tokenizer,
@@ -103,10 +103,11 @@ class RolloutDriver:
         return data
 
     def generate_now(self, requests, sampling):
-        """Generate outside the training stream (evaluation), between its generations."""
-        if self.producer is None:
-            return self.engine.generate(requests, sampling)
-        return self.producer.generate_now(requests, sampling)
+        """Generate outside the training stream (evaluation), between its generations: this
+        rank's share of ``requests``; the whole batch's groups on rank 0, None elsewhere."""
+        mine = self.share.mine(requests)
+        run = self.engine.generate if self.producer is None else self.producer.generate_now
+        return self.share.gather(run(mine, sampling))
 
     def eval_scorer(self):
         """A small accuracy-only reward pool (built on first use): evaluation's correctness when
@@ -133,6 +134,8 @@ class RolloutDriver:
         if self.producer is not None:
             self.producer.close()
         for obj in (self.engine, self.scorer, self._eval_scorer):
+            if obj is None:
+                continue
             close = getattr(obj, "close", None)
             if close is not None:
                 close()

@@ -1,0 +1,152 @@
+"""Per-rank bodies of the real-vLLM tests (vLLM's CPU build, in-process engines)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+TEMPERATURE = 0.8
+
+
+def _policy(hf_dir):
+    from megagrpo.config import MegatronConfig
+    from megagrpo.conversion.safetensors_io import SafetensorsDir
+    from megagrpo.distributed import init_distributed
+    from megagrpo.models.arch import load_arch
+    from megagrpo.models.builder import build_model
+    from megagrpo.models.hf_weights import load_hf_weights
+    from megagrpo.training.optimizer import wrap_ddp
+
+    par = MegatronConfig()
+    groups = init_distributed(par, seed=3)
+    arch = load_arch(hf_dir)
+    chunks = build_model(arch, par, pg_collection=groups.pg_collection)
+    load_hf_weights(chunks, SafetensorsDir(hf_dir), arch, groups)
+    return arch, groups, chunks, wrap_ddp(chunks, par)
+
+
+def _trainer_logprobs(ddp, groups, samples, temperature):
+    """Teacher-forced log-probs of the sampled tokens under the megatron policy (the trainer's
+    own log-prob pass), per sample."""
+    from megagrpo.training.batch import CompletionBatch, make_micro_batches
+    from megagrpo.training.logprob_pass import fill_logprobs
+
+    batch = CompletionBatch(
+        prompt_ids=[s.prompt_ids for s in samples],
+        completion_ids=[s.completion_ids for s in samples],
+        finish_reasons=[s.finish_reason for s in samples],
+        advantages_n=torch.zeros(len(samples)),
+    )
+    mbs = make_micro_batches(batch, len(samples), pad_token_id=0)
+    fill_logprobs(ddp, mbs, groups, temperature=temperature, field="old_logp_bl")
+    out = []
+    for mb in mbs:
+        for row in range(mb.mask_bl.shape[0]):
+            keep = mb.mask_bl[row].bool()
+            out.append(mb.old_logp_bl[row][keep].tolist())
+    return out
+
+
+def _max_gap(samples, reference) -> float:
+    gaps = [abs(a - b) for s, r in zip(samples, reference) for a, b in zip(s.logprobs, r)]
+    assert all(len(s.logprobs) == len(r) for s, r in zip(samples, reference))
+    return max(gaps)
+
+
+def _rng_states():
+    return (random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state())
+
+
+def _same_rng(a, b) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def colocated_engine_worker(hf_dir):
+    """One trainer process with an in-process vLLM engine: construction arguments, samples and
+    their log-probs against the trainer's, a weight update through the worker extension, the
+    prefix-cache reset, sampling settings vLLM refuses."""
+    from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
+    from megagrpo.rollout.vllm_engine import VLLMConfig, VLLMEngine
+    from megagrpo.models.hf_weights import iter_hf_tensors
+    from megagrpo.rollout.weight_sync import sync_weights_from_megatron, tensor_digest
+
+    arch, groups, chunks, ddp = _policy(hf_dir)
+    out = {}
+    torch.manual_seed(1234)
+    before = _rng_states()
+    config = VLLMConfig(
+        model=hf_dir, mode="colocate", dtype="float32", kv_cache_memory_bytes=32 * 2**20,
+        max_model_len=96, max_num_seqs=12, seed=7, enforce_eager=True,
+    )  # fmt: skip
+    engine = VLLMEngine.from_config(config)
+    out["rng_untouched"] = _same_rng(before, _rng_states())
+    vc = engine.llm.llm_engine.vllm_config
+    out["engine_args"] = {
+        "max_model_len": vc.model_config.max_model_len,
+        "max_num_seqs": vc.scheduler_config.max_num_seqs,
+        "seed": vc.model_config.seed,
+        "kv_cache_memory_bytes": vc.cache_config.kv_cache_memory_bytes,
+        "logprobs_mode": str(vc.model_config.logprobs_mode),
+        "enable_prefix_caching": vc.cache_config.enable_prefix_caching,
+        "executor": vc.parallel_config.distributed_executor_backend,
+        "dtype": str(vc.model_config.dtype),
+        "worker_extension_cls": vc.parallel_config.worker_extension_cls,
+    }
+    prompts = [(1, 17, 29, 41, 5), (1, 60, 61), (1, 99, 100, 101, 102, 103, 104)]
+    requests = [RolloutRequest(p, seed=11 + i, request_id=str(i)) for i, p in enumerate(prompts)]
+    sampling = SamplingParams(n=4, temperature=TEMPERATURE, max_tokens=12)
+    groups_v0 = engine.generate(requests, sampling)
+    samples = [s for g in groups_v0 for s in g]
+    out["shape"] = [[len(s.completion_ids) for s in g] for g in groups_v0]
+    out["indices"] = [[s.index for s in g] for g in groups_v0]
+    out["versions_v0"] = sorted({s.weight_version for s in samples})
+    out["gap_v0"] = _max_gap(samples, _trainer_logprobs(ddp, groups, samples, TEMPERATURE))
+    again = engine.generate(requests, sampling)
+    out["deterministic"] = [[s.completion_ids for s in g] for g in again] == [
+        [s.completion_ids for s in g] for g in groups_v0
+    ]
+    distinct = {tuple(s.completion_ids) for s in samples}
+    out["distinct_samples"] = len(distinct)
+
+    # a policy update: perturb every weight, then push it through the colocated sync path
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    old_lp = _trainer_logprobs(ddp, groups, samples, TEMPERATURE)
+    out["update_moves_logprobs"] = _max_gap(samples, old_lp)  # old vLLM vs new trainer
+    engine.record_digests()
+    sync_weights_from_megatron(chunks, arch, groups, engine, version=1)
+    out["digest"] = engine.weights_digest()
+    out["trainer_digest"] = {
+        n: tensor_digest(t) for n, t in iter_hf_tensors(chunks, arch, groups, gather_pp=True)
+    }
+    groups_v1 = engine.generate(requests, sampling)
+    samples_v1 = [s for g in groups_v1 for s in g]
+    out["same_as_v0"] = [s.completion_ids for s in samples_v1] == [s.completion_ids for s in samples]
+    out["versions_v1"] = sorted({s.weight_version for s in samples_v1})
+    out["gap_v1"] = _max_gap(samples_v1, _trainer_logprobs(ddp, groups, samples_v1, TEMPERATURE))
+
+    # the same update without the prefix-cache reset: cached prompt KV of the old weights
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    engine._reset_prefix_cache = lambda: None
+    sync_weights_from_megatron(chunks, arch, groups, engine, version=2)
+    samples_v2 = [s for g in engine.generate(requests, sampling) for s in g]
+    out["gap_without_reset"] = _max_gap(
+        samples_v2, _trainer_logprobs(ddp, groups, samples_v2, TEMPERATURE)
+    )
+    errors = {}
+    for name, bad in (
+        ("hot", SamplingParams(n=2, temperature=2.5)),
+        ("greedy_n", SamplingParams(n=3, temperature=0.0)),
+    ):
+        try:
+            engine.generate(requests[:1], bad)
+        except ValueError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+    return out
