@@ -249,7 +249,8 @@ class RolloutPool:
         deadline = time.monotonic() + wait
         while True:
             try:
-                e.sock = socket.create_connection(e.address, timeout=max(0.1, deadline - time.monotonic()))
+                left = max(0.1, deadline - time.monotonic())
+                e.sock = socket.create_connection(e.address, timeout=left)
                 e.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 info = wire.call(e.sock, {"cmd": "info"})
                 break
@@ -343,9 +344,8 @@ class RolloutPool:
         with self._lock:
             for e in self.engines:
                 e.restarts = 0
-            work = [
-                (e, requests[a:b]) for e, (a, b) in zip(self.engines, contiguous_bounds(len(requests), len(self.engines)))
-            ]
+            bounds = contiguous_bounds(len(requests), len(self.engines))
+            work = [(e, requests[a:b]) for e, (a, b) in zip(self.engines, bounds)]
             work = [(e, shard) for e, shard in work if shard]
             with ThreadPoolExecutor(max_workers=max(1, len(work))) as ex:
                 futures = [ex.submit(self._run_shard, e, shard, sampling) for e, shard in work]

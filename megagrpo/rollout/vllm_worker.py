@@ -2,8 +2,8 @@
 
 vLLM mixes this class into its worker class, so ``self`` is a vLLM worker: ``self.model_runner
 .model`` is its shard of the model, and ``self.reload_weights`` (vLLM's in-place reload) takes
-full HF-named tensors and keeps the worker's tensor-parallel slice. ``VLLMEngine`` calls the methods on all workers at once
-with ``llm.collective_rpc(name, args=...)``:
+full HF-named tensors and keeps the worker's tensor-parallel slice. ``VLLMEngine`` calls the
+methods on all workers at once with ``llm.collective_rpc(name, args=...)``:
 
 - ``megagrpo_load_weights``: colocated engines (the worker lives in the trainer process, so the
   tensors are passed, not copied);

@@ -2,9 +2,10 @@
 preparation and model setup).
 
 ``build_run(recipe)`` starts the distributed groups, resolves the model directory, loads the
-tokenizer and (on global rank 0) the prompt data, builds the megatron policy (DDP-wrapped) and
-its optimizer, the frozen reference model when beta > 0, the rollout engine (rank 0, or every rank
-with colocated vLLM) and the reward pool (rank 0), the metrics logger, and resumes from the newest complete checkpoint when there is one.
+tokenizer and the prompt data (on the ranks that hold a rollout engine), builds the megatron
+policy (DDP-wrapped) and its optimizer, the frozen reference model when beta > 0, the rollout
+engine (rank 0, or every rank with colocated vLLM) and the reward pool (rank 0), the metrics
+logger, and resumes from the newest complete checkpoint when there is one.
 """
 
 from __future__ import annotations

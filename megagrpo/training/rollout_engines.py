@@ -3,7 +3,7 @@
 | settings | engine | where |
 |---|---|---|
 | ``use_vllm=False``, ``rollout_num_engines=0`` | ``TransformersEngine`` | global rank 0 |
-| ``use_vllm=False``, ``rollout_num_engines=E`` | ``RolloutPool`` of E transformers processes | rank 0 |
+| ``use_vllm=False``, ``rollout_num_engines=E`` | ``RolloutPool`` of E processes | rank 0 |
 | ``use_vllm=True``, ``vllm_mode="colocate"`` | ``VLLMEngine`` (external launcher) | every rank |
 | ``use_vllm=True``, ``vllm_mode="server"`` | ``RolloutPool`` over vLLM rollout-servers | rank 0 |
 
@@ -71,7 +71,8 @@ def vllm_config(
     max_len = _max_model_len(t)
     kv_bytes = t.vllm_kv_cache_memory_bytes
     if kv_bytes is None and not on_gpu:
-        kv_bytes = _kv_bytes_for(arch, dtype, max_num_seqs * (max_len or arch.max_position_embeddings))
+        tokens = max_num_seqs * (max_len or arch.max_position_embeddings)
+        kv_bytes = _kv_bytes_for(arch, dtype, tokens)
     return VLLMConfig(
         model=model_dir,
         mode="colocate",
