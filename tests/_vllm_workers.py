@@ -151,3 +151,25 @@ def colocated_engine_worker(hf_dir):
             errors[name] = str(e)
     out["errors"] = errors
     return out
+
+
+def colocated_train_worker(demo_dir, out_dir, overrides, tp=1):
+    """The demo recipe with colocated vLLM; every rank returns its history (the step data is
+    broadcast, the update metrics reduced: they must agree over ranks) and its engine share."""
+    from megagrpo.demo.grpo_demo import demo_recipe_at
+    from megagrpo.training import build_run, train
+
+    recipe = demo_recipe_at(
+        demo_dir,
+        out_dir,
+        ["--tensor_model_parallel_size", str(tp), "--num_reward_workers", "1", "--use_vllm",
+         "true", *overrides],
+    )  # fmt: skip
+    run = build_run(recipe)
+    share = run.rollout.share
+    history = train(run)
+    return {
+        "history": history,
+        "share": (share.index, share.count, share.leader, share.is_root),
+        "engine": type(run.rollout.engine).__name__,
+    }

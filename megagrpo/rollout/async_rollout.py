@@ -149,6 +149,8 @@ class AsyncRollout:
     def generate_now(self, requests, sampling: SamplingParams) -> list[list[Sample]]:
         """Generate outside the stream (evaluation), between the producer's generations."""
         with self._engine_lock:
+            if self._error is not None:  # the engine may be broken: report why, do not use it
+                raise RuntimeError("the rollout producer failed") from self._error
             return self.engine.generate(requests, sampling)
 
     @property

@@ -140,6 +140,12 @@ def llm_kwargs(config: VLLMConfig) -> dict:
     for name in ("kv_cache_memory_bytes", "max_model_len", "max_num_seqs"):
         if getattr(config, name) is not None:
             kw[name] = getattr(config, name)
+    if not torch.cuda.is_available():
+        # vLLM's CPU build cannot rewind a seeded request's generator (``CPU Generator does not
+        # use offset``), which it does when a chunked prefill discards a sampled token: with
+        # seeded requests whose prompts fill more than one step's token budget, generation
+        # would crash. Whole prefills only.
+        kw["enable_chunked_prefill"] = False
     if config.mode == "colocate":
         kw["distributed_executor_backend"] = "external_launcher"
     elif config.tensor_parallel_size == 1:
@@ -375,6 +381,13 @@ class VLLMEngine:
         self._reset_prefix_cache()
         self.weight_version = version
         return int(counts[0])
+
+    def close(self) -> None:
+        """Shut the engine down now: in-process engines tear down vLLM's process groups, which
+        must happen while the trainer's torch.distributed state still exists."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
 
     def record_digests(self) -> None:
         """Make every worker keep digests of the tensors of each later update."""
