@@ -173,3 +173,82 @@ def colocated_train_worker(demo_dir, out_dir, overrides, tp=1):
         "share": (share.index, share.count, share.leader, share.is_root),
         "engine": type(run.rollout.engine).__name__,
     }
+
+
+def server_pool_worker(hf_dir, log_dir):
+    """A megatron trainer and a pool of two spawned vLLM rollout-servers: weights synced bit for
+    bit, samples with the trainer's log-probs, a server killed with kill -9 in the middle of a
+    batch restarted with the current weights, and the batch completed."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from megagrpo.models.hf_weights import iter_hf_tensors
+    from megagrpo.rollout.pool import RolloutPool, RolloutPoolConfig
+    from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
+    from megagrpo.rollout.vllm_engine import VLLMConfig
+    from megagrpo.rollout.weight_sync import sync_weights_from_megatron, tensor_digest
+
+    arch, groups, chunks, ddp = _policy(hf_dir)
+    vllm = VLLMConfig(
+        mode="server", kv_cache_memory_bytes=32 * 2**20, max_model_len=160, max_num_seqs=16,
+        enforce_eager=True,
+    )  # fmt: skip
+    pool = RolloutPool(
+        RolloutPoolConfig(
+            model=hf_dir, num_engines=2, engine="vllm", threads_per_engine=1, vllm=vllm,
+            record_weight_digests=True, log_dir=log_dir,
+        )
+    )  # fmt: skip
+    out = {}
+    try:
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in chunks[0].parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        sync_weights_from_megatron(chunks, arch, groups, pool, version=1)
+        trainer = {
+            n: tensor_digest(t) for n, t in iter_hf_tensors(chunks, arch, groups, gather_pp=True)
+        }
+        out["digests_equal"] = [d == trainer for d in pool.weights_digests()]
+        out["num_tensors"] = len(trainer)
+        requests = [
+            RolloutRequest(tuple(range(3 + i, 12 + 2 * i)), seed=100 + i, request_id=str(i))
+            for i in range(6)
+        ]
+        sampling = SamplingParams(n=3, temperature=TEMPERATURE, max_tokens=10)
+        groups_v1 = pool.generate(requests, sampling)
+        samples = [s for gr in groups_v1 for s in gr]
+        out["versions"] = sorted({s.weight_version for s in samples})
+        out["gap"] = _max_gap(samples, _trainer_logprobs(ddp, groups, samples, TEMPERATURE))
+
+        long = SamplingParams(n=4, temperature=1.0, max_tokens=120, stop_token_ids=())
+        reference = pool.generate(requests, long)  # the batch, undisturbed
+        victim = pool.engines[1]
+        old_pid = victim.proc.pid
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 120
+            while not victim.busy and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.05)
+            os.kill(old_pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        again = pool.generate(requests, long)
+        killer.join()
+        out["restarts"] = pool.restart_count
+        out["new_pid"] = victim.proc.pid != old_pid
+        out["old_gone"] = not os.path.exists(f"/proc/{old_pid}")
+        out["batch_equal"] = [[s.completion_ids for s in gr] for gr in again] == [
+            [s.completion_ids for s in gr] for gr in reference
+        ]
+        out["versions_after"] = sorted({s.weight_version for gr in again for s in gr})
+        # the restarted server was given the current weights (the pool's copy), bit for bit
+        out["digests_after_restart"] = [d == trainer for d in pool.weights_digests()]
+    finally:
+        pool.close()
+    out["servers_left"] = [p for p in pool.engine_pids() if p and os.path.exists(f"/proc/{p}")]
+    return out
