@@ -143,6 +143,11 @@ def reduce_metrics(
     s = dict(zip(SUM_KEYS, total.tolist()))
     tokens = max(s["tokens"], 1.0)
     metrics = {
+        # k3 = exp(r) - r - 1 with r = ref_logp - logp, the mean over completion tokens (TRL's
+        # estimator). It estimates KL(policy || reference) only on samples of the current policy.
+        # With num_iterations > 1 (or async rollouts) the samples come from an older policy, and
+        # k3 on them is heavy-tailed: a few tokens that lost several nats carry most of it, so it
+        # can be far above the true KL. A poor health signal there; watch reward and entropy.
         "kl": s["kl"] / tokens,
         "entropy": s["entropy"] / tokens,
         "clip_ratio/low_mean": s["clip_low"] / tokens,
