@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megagrpo.algorithms.loss_aggregation import BatchContext, LossType
-from megagrpo.training.schedule import run_schedule
+from megagrpo.training.forward_backward import forward_backward
 
 # Token-weighted sums collected per micro-batch, in this order.
 SUM_KEYS = (
@@ -93,7 +93,7 @@ def grpo_update(
         value = loss_type.loss(out.loss, mb.mask_bl, ctx)
         return value, {"sums": _metric_sums(mb, out, loss_type, ctx)}
 
-    outputs = run_schedule(chunks, micro_batches, loss_fn, forward_only=False)
+    outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=False)
     return [o["sums"] for o in outputs]
 
 
