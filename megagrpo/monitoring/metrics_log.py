@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass
 class WandbSettings:
-    """The seed's WandB settings (entity, project, run group) plus the run name."""
+    """open-r1's WandB settings (entity, project, run group) plus the run name."""
 
     project: str | None = None
     entity: str | None = None

@@ -1,4 +1,4 @@
-"""Everything a GRPO run holds, built from a recipe (the seed's initialization, dataset
+"""Everything a GRPO run holds, built from a recipe (open-r1 grpo.py's initialization, dataset
 preparation and model setup).
 
 ``build_run(recipe)`` starts the distributed groups, resolves the model directory, loads the

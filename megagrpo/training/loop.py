@@ -1,4 +1,4 @@
-"""The GRPO training loop (the seed's "GRPO training" and "monitoring").
+"""The GRPO training loop and its monitoring (what TRL's GRPOTrainer.train does for open-r1).
 
 Each step: rollout -> rewards -> advantages (rank 0, broadcast) -> this rank's micro-batches
 -> old / reference log-probs -> ``num_iterations`` policy updates through megatron's schedules

@@ -1,9 +1,10 @@
 """The run's prompts (global rank 0): load, format, tokenize, and the per-step sampler.
 
-The seed's "Dataset Preparation": the dataset (``dataset_name`` or ``dataset_mixture``) is
-loaded with HF ``datasets``, each row becomes the ``<think>/<answer>`` conversation with the
-system prompt, columns the rewards do not read are dropped, and prompts are tokenized with the
-chat template; prompts over ``max_prompt_length`` are skipped and counted (or raise).
+Dataset preparation as in open-r1's grpo.py: the dataset (``dataset_name`` or
+``dataset_mixture``) is loaded with HF ``datasets``, each row becomes the ``<think>/<answer>``
+conversation with the system prompt, columns the rewards do not read are dropped, and prompts are
+tokenized with the chat template; prompts over ``max_prompt_length`` are skipped and counted (or
+raise).
 """
 
 from __future__ import annotations
