@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from megagrpo.config import MegatronConfig
+from megagrpo.conversion.hf_weights import load_hf_weights
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.distributed import init_distributed
 from megagrpo.models.arch import load_arch
 from megagrpo.models.builder import build_model
-from megagrpo.models.hf_weights import load_hf_weights
 from megagrpo.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from megagrpo.training.optimizer import (
     OptimizerSettings,

@@ -9,7 +9,6 @@ its optimizer, the frozen reference model when beta > 0, the rollout engine and 
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -19,11 +18,11 @@ import torch
 
 from megagrpo.algorithms.loss_aggregation import LossType, get_loss_type
 from megagrpo.config import Recipe, recipe_to_dict, validate_layout, validate_recipe
+from megagrpo.conversion.hf_weights import load_hf_weights
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.distributed import ParallelGroups, init_distributed
 from megagrpo.models.arch import ModelArch, load_arch
 from megagrpo.models.builder import build_model
-from megagrpo.models.hf_weights import load_hf_weights
 from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
 from megagrpo.training.checkpoint import (
     load_checkpoint,
@@ -217,10 +216,3 @@ def build_run(recipe: Recipe) -> Run:
 
         run.rollout = RolloutDriver.create(run)
     return run
-
-
-def steps_for(num_prompts: int, prompts_per_step: int, training) -> int:
-    """Generation steps of the run: max_steps, else num_train_epochs over the prompts."""
-    if training.max_steps and training.max_steps > 0:
-        return training.max_steps
-    return max(1, math.ceil(training.num_train_epochs * (num_prompts // prompts_per_step)))

@@ -188,8 +188,8 @@ def export_final_model(run) -> str:
     import shutil
 
     from megagrpo.conversion.convert import megatron_to_hf
+    from megagrpo.conversion.hf_weights import save_megatron_shards
     from megagrpo.conversion.megatron_format import HF_FILES_DIR, copy_side_files
-    from megagrpo.models.hf_weights import save_megatron_shards
 
     out = run.recipe.training.output_dir
     shards = os.path.join(out, ".final_megatron")
