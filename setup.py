@@ -13,7 +13,11 @@ CORE = [
     "tokenizers>=0.21",
     "safetensors>=0.4",
     "datasets>=3.0",
-    "math-verify[antlr4_13_2]>=0.7",
+    # math-verify's LaTeX parser needs the ANTLR runtime its grammar was built with, asked for
+    # directly: a pip without PEP 685 extra-name normalisation (23.2) finds neither math-verify's
+    # "antlr4-13-2" extra under the name "antlr4_13_2" nor the one it asks of latex2sympy2_extended.
+    "math-verify>=0.7",
+    "antlr4-python3-runtime==4.13.2",
     "wandb>=0.18",
     "pyyaml>=6.0",
     "rich>=13.0",

@@ -14,7 +14,8 @@ CPU; ``backend="triton"|"torch"`` forces one.
 """
 
 from .fused_logprob_loss import logprob_grpo_loss
-from .grpo_loss import GRPOLossOutput, GRPOLossSpec, grpo_loss
+from .grpo_loss import GRPOLossOutput, grpo_loss
 from .logprobs import logprobs
+from .loss_spec import GRPOLossSpec
 
 __all__ = ["GRPOLossOutput", "GRPOLossSpec", "grpo_loss", "logprob_grpo_loss", "logprobs"]

@@ -19,14 +19,9 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_backend, triton_module
-from .grpo_loss import (
-    GRPOLossOutput,
-    GRPOLossSpec,
-    grpo_loss,
-    metrics_from_partials,
-    prepare_loss_inputs,
-)
+from .grpo_loss import GRPOLossOutput, grpo_loss, metrics_from_partials, prepare_loss_inputs
 from .logprobs import _check_target_range, as_rows, backward_rows, check_logprob_inputs, logprobs
+from .loss_spec import GRPOLossSpec
 
 
 class _FusedLogprobLossFunction(torch.autograd.Function):

@@ -15,14 +15,10 @@ Compute dtype: float64 for float64 inputs, float32 for everything else.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from .loss_spec import GRPOLossSpec
 from .vocab_parallel import MAX, NUM_STATS, OWNER, SUMEXP, TARGET, XLOGX, merge_row_stats
-
-if TYPE_CHECKING:
-    from .grpo_loss import GRPOLossSpec
 
 CHUNK_ELEMENTS = 1 << 22  # elements of one [N, chunk] temporary: 16 MB in fp32
 

@@ -34,27 +34,39 @@ def _cmd_demo(args) -> int:
         f"megagrpo demo: GRPO on small additions with a tiny model, outputs in {args.output_dir}",
         flush=True,
     )
-    overrides = ["--max_steps", str(args.steps)] if args.steps else []
+    overrides = [] if args.steps is None else ["--max_steps", str(max(args.steps, 1))]
+    if args.steps == 0:  # the starting policy, not one resumed from an earlier demo's checkpoint
+        overrides += ["--resume_from_checkpoint", "false"]
     t0 = time.perf_counter()
     recipe = demo_recipe(args.output_dir, overrides)  # builds the data and the warm-started model
     t1 = time.perf_counter()
     run = build_run(recipe)
+    if args.steps == 0:  # recipes take max_steps >= 1; train() then only evaluates and exports
+        run.total_steps = 0
     train(run)
     t2 = time.perf_counter()
     if run.groups.rank == 0:
         out = run.recipe.training.output_dir
         s = learning_summary(read_metrics(os.path.join(out, METRICS_FILE)))
-        print(
-            f"training reward (mean of 10 steps): {s['reward_first']:.3f} -> "
-            f"{s['reward_last']:.3f}; training accuracy {s['accuracy_first']:.3f} -> "
-            f"{s['accuracy_last']:.3f}"
-        )
-        if "eval_accuracy_before" in s:
+        if "accuracy_first" in s:
+            print(
+                f"training reward (mean of 10 steps): {s['reward_first']:.3f} -> "
+                f"{s['reward_last']:.3f}; training accuracy {s['accuracy_first']:.3f} -> "
+                f"{s['accuracy_last']:.3f}"
+            )
+        else:
+            print("no GRPO steps: the starting policy was evaluated and exported")
+        if "eval_accuracy_after" in s:
             k = s["eval_k"]
             print(
                 f"held-out accuracy (greedy): {s['eval_accuracy_before']:.3f} -> "
                 f"{s['eval_accuracy_after']:.3f}; mean@{k}: {s['eval_mean_k_before']:.3f} -> "
                 f"{s['eval_mean_k_after']:.3f}"
+            )
+        elif "eval_accuracy_before" in s:
+            print(
+                f"held-out accuracy (greedy): {s['eval_accuracy_before']:.3f}; "
+                f"mean@{s['eval_k']}: {s['eval_mean_k_before']:.3f}"
             )
         print(
             f"time: assets (data, tokenizer, warm-started model) {t1 - t0:.0f} s, GRPO training "
@@ -186,13 +198,24 @@ def _cmd_bench(args, rest: list[str]) -> int:
     return subprocess.call([sys.executable, script, *rest])
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a count (0 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megagrpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the embedded tiny demo on this machine")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument(
-        "--steps", type=int, default=None, help="GRPO steps (default: the demo recipe's max_steps)"
+        "--steps",
+        type=_count,
+        default=None,
+        help="GRPO steps (default: the demo recipe's max_steps); 0 builds the assets, evaluates "
+        "the starting policy on the held-out set and exports it",
     )
     convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron")
     add_convert_arguments(convert)

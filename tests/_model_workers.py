@@ -6,11 +6,11 @@ import torch
 import torch.distributed as dist
 
 from megagrpo.config import MegatronConfig
+from megagrpo.conversion.hf_weights import iter_hf_tensors, load_hf_weights, load_megatron_shards
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.distributed import init_distributed
 from megagrpo.models.arch import load_arch
 from megagrpo.models.builder import build_model
-from megagrpo.models.hf_weights import iter_hf_tensors, load_hf_weights, load_megatron_shards
 
 
 def _setup(hf_dir, tp, pp, vpp=None, recompute=None, vocab_multiple=128):

@@ -71,11 +71,11 @@ def megatron_to_engine_worker(
         return {"count": count, "params": engine.state_dict_copy(), "version": 1}
     os.environ.update(WORLD_SIZE="2", MASTER_PORT=str(trainer_port))
     from megagrpo.config import MegatronConfig
+    from megagrpo.conversion.hf_weights import load_hf_weights
     from megagrpo.conversion.safetensors_io import SafetensorsDir
     from megagrpo.distributed import init_distributed
     from megagrpo.models.arch import load_arch
     from megagrpo.models.builder import build_model
-    from megagrpo.models.hf_weights import load_hf_weights
 
     par = MegatronConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     groups = init_distributed(par, seed=1234)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from megagrpo.config import MegatronConfig
+from megagrpo.conversion.hf_weights import load_hf_weights
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.distributed import init_distributed
 from megagrpo.models.arch import load_arch
 from megagrpo.models.builder import build_model
-from megagrpo.models.hf_weights import load_hf_weights
 from megagrpo.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from megagrpo.training.optimizer import (
     OptimizerSettings,
@@ -197,3 +197,35 @@ def faulty_demo_worker(demo_dir, out_dir, overrides, fault: str, at: int):
 
         loop.grpo_update = grpo_update
     return demo_run_worker(demo_dir, out_dir, overrides)
+
+
+def kl_recording_demo_worker(demo_dir, out_dir, overrides):
+    """demo_run_worker that also recomputes, before every policy update, the k3 estimator of
+    KL(policy || reference) on that update's completion tokens, with plain torch: float64
+    log-softmax of the policy's logits (not the fused kernel that computes the logged ``kl``)
+    against the reference log-probs the loop filled in. Returns ``(history, k3 per update)``."""
+    from megagrpo.training import loop
+
+    original_update = loop.grpo_update
+    k3_per_update = []
+
+    def grpo_update(chunks, micro_batches, groups, loss, *args, **kwargs):
+        k3_sum = tokens = 0.0
+        with torch.no_grad():
+            for c in chunks:
+                c.eval()
+            for mb in micro_batches:
+                logits_blv = chunks[0](mb.input_ids_bl, None, attention_mask=None)
+                logp_blv = torch.log_softmax(logits_blv.double() / loss.temperature, dim=-1)
+                logp_bl = logp_blv.gather(-1, mb.targets_bl.unsqueeze(-1)).squeeze(-1)
+                diff_bl = mb.ref_logp_bl.double() - logp_bl
+                k3_bl = torch.exp(diff_bl) - diff_bl - 1
+                k3_sum += float((k3_bl * mb.mask_bl).sum())
+                tokens += float(mb.mask_bl.sum())
+            for c in chunks:
+                c.train()
+        k3_per_update.append(k3_sum / tokens)
+        return original_update(chunks, micro_batches, groups, loss, *args, **kwargs)
+
+    loop.grpo_update = grpo_update
+    return demo_run_worker(demo_dir, out_dir, overrides), k3_per_update

@@ -285,7 +285,7 @@ def test_no_recipe_file_gives_the_defaults_plus_overrides():
     r = load_quiet(None, ["--model_name_or_path", "m", "--dataset_name", "d"])
     assert r.training == GRPOConfig() and r.megatron == MegatronConfig()
     assert r.model == ModelConfig(model_name_or_path="m")
-    # defaults the seed document gives
+    # open-r1's GRPOScriptArguments defaults
     s = r.script
     assert (s.cosine_min_value_wrong, s.cosine_max_value_wrong) == (0.0, -0.5)
     assert (s.cosine_min_value_correct, s.cosine_max_value_correct) == (0.5, 1.0)

@@ -11,11 +11,11 @@ import torch
 from conftest import ARCH_NAMES
 
 from megagrpo.config import MegatronConfig
+from megagrpo.conversion.hf_weights import load_hf_weights
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.demo.tiny_models import TINY_CONFIGS
 from megagrpo.models.arch import ArchitectureError, arch_from_hf_config, load_arch
 from megagrpo.models.builder import build_model, padded_vocab_size
-from megagrpo.models.hf_weights import load_hf_weights
 from megagrpo.models.rope import rope_inv_freq
 
 
@@ -167,7 +167,7 @@ def test_load_arch_errors_name_the_file(tmp_path):
 
 def test_megatron_shards_of_another_layout_are_refused(tiny_checkpoint, groups, tmp_path):
     from megagrpo.conversion.convert import hf_to_megatron
-    from megagrpo.models.hf_weights import load_megatron_shards
+    from megagrpo.conversion.hf_weights import load_megatron_shards
 
     hf_dir = tiny_checkpoint("qwen2")
     meg = str(tmp_path / "meg")

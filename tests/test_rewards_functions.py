@@ -152,7 +152,7 @@ def test_reasoning_steps_hand_computed(completion, expected):
 # ----------------------------------------------------------------------------------- cosine
 C = math.cos(math.pi / 4)
 COSINE_CASES = [
-    # (correct?, tokens, expected) with the seed's defaults (0.0, -0.5, 0.5, 1.0, 1000)
+    # (correct?, tokens, expected) with open-r1's defaults (0.0, -0.5, 0.5, 1.0, 1000)
     (True, 0, 1.0),
     (True, 250, 0.5 + 0.25 * (1 + C)),
     (True, 500, 0.75),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +51,15 @@ def _cli(*args, env=None):
     )
 
 
-def test_demo_command_runs_grpo(tmp_path):
-    out = tmp_path / "demo"
-    r = _cli("demo", "--output-dir", str(out), "--steps", "3")
+@pytest.fixture(scope="module")
+def demo_output(tmp_path_factory):
+    """``megagrpo demo --steps 3`` in a fresh directory: (finished process, output directory)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return _cli("demo", "--output-dir", str(out), "--steps", "3"), out
+
+
+def test_demo_command_runs_grpo(demo_output):
+    r, out = demo_output
     assert r.returncode == 0, r.stderr[-3000:]
     assert "megagrpo demo: GRPO on small additions" in r.stdout
     assert re.search(r"step 3 \| reward=", r.stdout)
@@ -60,6 +69,28 @@ def test_demo_command_runs_grpo(tmp_path):
     assert (out / "run" / "final_model" / "model.safetensors").is_file()
     # the held-out evaluation before training (step 0), then steps 1-3
     assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_demo_with_zero_steps_evaluates_and_exports_the_starting_policy(demo_output, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "demo"
+    for assets in ("data", "model"):  # the 3-step demo's: no second warm start
+        shutil.copytree(demo_output[1] / assets, out / assets)
+    r = _cli("demo", "--output-dir", str(out), "--steps", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no GRPO steps: the starting policy was evaluated and exported" in r.stdout
+    assert re.search(r"held-out accuracy \(greedy\): [\d.]+; mean@8: [\d.]+\n", r.stdout)
+    assert not re.search(r"step 1 \|", r.stdout)
+    records = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records] == [0] and "eval/accuracy" in records[0]
+    assert sorted(os.listdir(out / "run")) == ["final_model", "metrics.jsonl"]  # no checkpoint
+    start = load_file(out / "model" / "model.safetensors")
+    final = load_file(out / "run" / "final_model" / "model.safetensors")
+    assert start.keys() == final.keys()
+    assert all(torch.equal(start[k], final[k]) for k in start)  # exported untrained, bit for bit
+    r = _cli("demo", "--output-dir", str(out), "--steps", "-1")
+    assert r.returncode == 2 and "--steps: -1 is not a count (0 or more)" in r.stderr
 
 
 def test_convert_command_and_tool(tiny_checkpoint, tmp_path):

@@ -147,11 +147,14 @@ def test_sharded_training_matches_one_process(demo_dir, tmp_path, tp, pp, dp):
 
 def test_async_reference_model_and_iterations(demo_dir, tmp_path):
     """One batch ahead (staleness 1), a KL-regularised loss against the reference model, two
-    updates per batch, truncated importance sampling: the run completes with sane metrics."""
-    hist = _only(
+    updates per batch, truncated importance sampling: the logged ``kl`` is the k3 estimator of
+    KL(policy || reference) on the batch, recomputed here with plain torch before each update."""
+    from _train_workers import kl_recording_demo_worker
+
+    hist, k3 = _only(
         run_ranks(
             1,
-            demo_run_worker,
+            kl_recording_demo_worker,
             demo_dir,
             str(tmp_path / "r"),
             SHORT
@@ -172,10 +175,18 @@ def test_async_reference_model_and_iterations(demo_dir, tmp_path):
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
     assert max(h["rollout/staleness"] for h in hist) <= 1
     assert any(h["rollout/staleness"] == 1 for h in hist)  # generation overlapped an update
-    # metrics average the two updates of a step: the first update of step 1 has KL 0
-    assert 0 < hist[0]["kl"] < 0.05
-    assert all(h["kl"] > 0 for h in hist[1:])
     assert all(h["time/logprobs"] > 0 for h in hist)  # old and reference log-prob passes ran
+    # The reference is the starting policy: the first update sees KL 0, every later one, after
+    # the policy moved, a positive KL. No ceiling on its size: k3 after one Adam step is
+    # heavy-tailed (a few tokens that lost several nats carry most of it) and its value on
+    # the warm-started demo model differs between CPUs by a factor of 30.
+    assert len(k3) == 8  # 4 steps x 2 updates
+    assert k3[0] == pytest.approx(0.0, abs=1e-9)
+    assert all(v > 1e-6 for v in k3[1:])
+    # a step logs the mean over its two updates of the token-weighted k3 (the kernel's fp32
+    # against fp64 here: they agree to ~3e-7 relative; 1e-4 leaves a wide margin for rounding)
+    for h, first, second in zip(hist, k3[0::2], k3[1::2]):
+        assert h["kl"] == pytest.approx((first + second) / 2, rel=1e-4, abs=1e-9)
 
 
 def test_missing_prompt_column_is_reported_before_anything_runs(demo_dir, tmp_path):

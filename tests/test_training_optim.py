@@ -56,11 +56,11 @@ def test_schedule_from_config():
 
 def _optimizer_worker(hf_dir, clip):
     from megagrpo.config import MegatronConfig
+    from megagrpo.conversion.hf_weights import load_hf_weights
     from megagrpo.conversion.safetensors_io import SafetensorsDir
     from megagrpo.distributed import init_distributed
     from megagrpo.models.arch import load_arch
     from megagrpo.models.builder import build_model
-    from megagrpo.models.hf_weights import load_hf_weights
     from megagrpo.training.optimizer import (
         OptimizerSettings,
         build_optimizer,

@@ -1,8 +1,8 @@
 """Script arguments: which data to train on and how the rewards are computed.
 
 Field names and defaults follow open-r1's ``GRPOScriptArguments`` (itself TRL's ``ScriptArguments``
-plus the reward parameters), so an open-r1 recipe's keys mean the same thing here. Where the seed
-document gives a default, the seed wins; where megagrpo differs from open-r1, the help says so.
+plus the reward parameters), so an open-r1 recipe's keys mean the same thing here. Where megagrpo's
+default differs from open-r1's, the help says so.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from megagrpo.config.fields import option
 
-#: Reward functions a recipe may name in ``reward_funcs``: the seed's six (accuracy, format,
-#: reasoning_steps, cosine, repetition_penalty, length) plus open-r1's tag_count and DAPO's soft
-#: overlong punishment. open-r1's code rewards (code, code_format, ioi_code) need a code sandbox
-#: and are not part of megagrpo.
+#: Reward functions a recipe may name in ``reward_funcs``: open-r1's math and format rewards
+#: (accuracy, format, tag_count, reasoning_steps, cosine, repetition_penalty, length) and its
+#: soft_overlong_punishment (DAPO's). open-r1's code rewards (code, code_format, ioi_code) need a
+#: code sandbox and are not part of megagrpo.
 REWARD_FUNCS = (
     "accuracy",
     "format",
@@ -26,7 +26,7 @@ REWARD_FUNCS = (
     "soft_overlong_punishment",
 )
 
-#: The seed's and open-r1's function names, accepted in reward_funcs for the names above.
+#: open-r1's Python function names, accepted in reward_funcs for the names above.
 REWARD_ALIASES = {
     "accuracy_reward": "accuracy",
     "format_reward": "format",
@@ -38,8 +38,8 @@ REWARD_ALIASES = {
     "soft_overlong_punishment_reward": "soft_overlong_punishment",
 }
 
-#: The R1 system prompt the seed's conversation format describes: reasoning in <think>, the final
-#: answer in <answer>.
+#: The R1 system prompt (DeepSeek-R1's template, the SYSTEM_PROMPT of open-r1's first grpo.py):
+#: reasoning in <think>, the final answer in <answer>.
 R1_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
     "solves it. The assistant first thinks about the reasoning process in the mind and then "
@@ -109,7 +109,7 @@ class GRPOScriptArguments:
     reward_funcs: list[str] = option(
         ["accuracy", "format"],
         help="Reward functions to combine, from: " + ", ".join(REWARD_FUNCS) + ". Defaults to the "
-        "seed's basic pair accuracy + format (open-r1's default adds tag_count).",
+        "pair of open-r1's first grpo.py, accuracy + format (its default now adds tag_count).",
     )
     reward_weights: list[float] | None = option(
         None,

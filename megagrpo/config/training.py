@@ -136,7 +136,7 @@ class GRPOConfig:
     system_prompt: str | None = option(
         R1_SYSTEM_PROMPT,
         help="System message put before every prompt; null for none. Defaults to the R1 "
-        "<think>/<answer> prompt of the seed's conversation format (open-r1's default is None).",
+        "<think>/<answer> prompt of open-r1's first grpo.py (open-r1's default is now None).",
     )
     chat_template: str | None = option(
         None, help="Jinja chat template replacing the tokenizer's; None keeps the tokenizer's."

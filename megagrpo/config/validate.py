@@ -83,7 +83,7 @@ def _check_rewards(recipe: Recipe, errors: list[str]) -> None:
             errors.append(
                 f"reward_funcs contains {name!r}, which is not a megagrpo reward; choose from "
                 + ", ".join(REWARD_FUNCS)
-                + " (or the seed's names such as accuracy_reward), or give a custom function "
+                + " (or open-r1's names such as accuracy_reward), or give a custom function "
                 "as 'pkg.module:fn'"
             )
     dupes = sorted({n for n in canonical if canonical.count(n) > 1})

@@ -1,4 +1,4 @@
-"""Prompts: the seed's conversation format, chat templates, length limits.
+"""Prompts: open-r1's conversation format, chat templates, length limits.
 
 Each row becomes a chat conversation in a ``prompt`` column (the system prompt, then the user's
 problem), the columns the reward functions read (``solution``, ...) are kept as they are, and the

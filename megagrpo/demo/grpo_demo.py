@@ -62,7 +62,8 @@ def demo_recipe_at(assets_dir: str, run_dir: str, overrides: list[str] | None = 
 
 def learning_summary(records: list[dict], window: int = 10) -> dict:
     """Before / after: mean reward and training accuracy of the first and last ``window`` steps,
-    and the held-out evaluation at the start (step 0) and at the end, from the logged records."""
+    and the held-out evaluation at the start (step 0) and at the end (``_after`` keys only when
+    there was a later evaluation), from the logged records."""
     steps = [r for r in records if "reward" in r]
     evals = [r for r in records if "eval/accuracy" in r]
 
@@ -85,13 +86,15 @@ def learning_summary(records: list[dict], window: int = 10) -> dict:
         out.update(
             accuracy_first=mean(steps[:window], acc), accuracy_last=mean(steps[-window:], acc)
         )
-    if len(evals) >= 2:
+    if evals:
         mean_k = next(k for k in evals[0] if k.startswith("eval/mean@"))
         out.update(
             eval_accuracy_before=evals[0]["eval/accuracy"],
-            eval_accuracy_after=evals[-1]["eval/accuracy"],
             eval_mean_k_before=evals[0][mean_k],
-            eval_mean_k_after=evals[-1][mean_k],
             eval_k=mean_k.split("@")[1],
+        )
+    if len(evals) >= 2:
+        out.update(
+            eval_accuracy_after=evals[-1]["eval/accuracy"], eval_mean_k_after=evals[-1][mean_k]
         )
     return out

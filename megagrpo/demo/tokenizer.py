@@ -3,7 +3,7 @@
 A byte-level BPE tokenizer (the scheme of GPT-2 and Qwen) with no merges: one token per byte,
 so any text encodes and decodes exactly, plus single tokens for the chat markers
 (``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>``) and the reasoning tags (``<think>``,
-``</think>``, ``<answer>``, ``</answer>``), so a tiny model learns the seed's ``<think>/<answer>``
+``</think>``, ``<answer>``, ``</answer>``), so a tiny model learns open-r1's ``<think>/<answer>``
 format quickly. It is saved like any HF tokenizer and loads back identically through
 ``AutoTokenizer`` also next to a Qwen2 ``config.json`` (transformers 5 then builds a
 ``Qwen2Tokenizer``, whose own byte-level pre-tokenizer this scheme matches).

@@ -7,7 +7,9 @@ names it. wandb runs offline (files under ``<output_dir>/wandb``, sync later wit
 unless the user asked for online mode through ``WANDB_MODE=online``.
 
 Metric names are TRL's (``reward``, ``reward_std``, ``rewards/<fn>/mean``, ``kl``, ``entropy``,
-``clip_ratio/region_mean``, ``completions/mean_length``, ...) so dashboards carry over.
+``clip_ratio/region_mean``, ``completions/mean_length``, ...) so dashboards carry over. ``kl`` is
+TRL's k3 estimator, a KL estimate only on the current policy's samples: with num_iterations > 1 it
+is k3 on old-policy samples, heavy-tailed, a poor health signal (``training/policy_update.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass
 class WandbSettings:
-    """The seed's WandB settings (entity, project, run group) plus the run name."""
+    """open-r1's WandB settings (entity, project, run group) plus the run name."""
 
     project: str | None = None
     entity: str | None = None

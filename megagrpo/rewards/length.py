@@ -39,7 +39,7 @@ def get_cosine_scaled_reward(
 ):
     """Cosine-scaled correctness. At length 0 a correct answer earns ``max_value_correct`` and a
     wrong one ``min_value_wrong``; at ``max_len`` tokens and beyond, ``min_value_correct`` and
-    ``max_value_wrong`` (the seed's names, which read "value at the short end" for wrong answers).
+    ``max_value_wrong`` (open-r1's names, which read "value at the short end" for wrong answers).
     """
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"cosine_max_len={max_len!r} must be an integer >= 1")

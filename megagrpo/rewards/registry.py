@@ -2,8 +2,8 @@
 
 A ``RewardFunction`` is a picklable description (a dotted path plus factory arguments), so the
 same function can be built inside spawned reward-pool workers. ``reward_funcs`` entries are the
-registry names of ``megagrpo.config.script_args.REWARD_FUNCS``, the seed's / open-r1's function
-names as aliases, or a custom function ``pkg.module:fn`` with the reward signature.
+registry names of ``megagrpo.config.script_args.REWARD_FUNCS``, open-r1's function names as
+aliases, or a custom function ``pkg.module:fn`` with the reward signature.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ _BUILTINS: dict[str, tuple[str, str, Any, str | None]] = {
 _VERIFIES = ("accuracy", "cosine", "length")
 MATH_VERIFY_GROUP = "math_verify"
 
-#: The seed's and open-r1's function names, accepted in reward_funcs.
+#: open-r1's Python function names, accepted in reward_funcs.
 ALIASES = REWARD_ALIASES
 
 _LOADED: dict[tuple, Any] = {}

@@ -286,7 +286,7 @@ def sync_weights_from_megatron(
     None. The HF-name iterator needs every TP / PP rank to iterate together, so ranks without an
     engine, and a rank whose engine fails part-way, still run it to the end.
     """
-    from megagrpo.models.hf_weights import iter_hf_tensors
+    from megagrpo.conversion.hf_weights import iter_hf_tensors
 
     stream = iter_hf_tensors(chunks, arch, groups, gather_pp=True, dtype=dtype)
     if engine is None:

@@ -1,4 +1,4 @@
-"""Everything a GRPO run holds, built from a recipe (the seed's initialization, dataset
+"""Everything a GRPO run holds, built from a recipe (open-r1 grpo.py's initialization, dataset
 preparation and model setup).
 
 ``build_run(recipe)`` starts the distributed groups, resolves the model directory, loads the
@@ -10,7 +10,6 @@ logger, and resumes from the newest complete checkpoint when there is one.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass
@@ -20,11 +19,11 @@ import torch
 
 from megagrpo.algorithms.loss_aggregation import LossType, get_loss_type
 from megagrpo.config import Recipe, recipe_to_dict, validate_layout, validate_recipe
+from megagrpo.conversion.hf_weights import load_hf_weights
 from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.distributed import ParallelGroups, init_distributed
 from megagrpo.models.arch import ModelArch, load_arch
 from megagrpo.models.builder import build_model
-from megagrpo.models.hf_weights import load_hf_weights
 from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
 from megagrpo.training.checkpoint import (
     load_checkpoint,
@@ -221,10 +220,3 @@ def build_run(recipe: Recipe) -> Run:
 
         run.rollout = RolloutDriver.create(run, share)
     return run
-
-
-def steps_for(num_prompts: int, prompts_per_step: int, training) -> int:
-    """Generation steps of the run: max_steps, else num_train_epochs over the prompts."""
-    if training.max_steps and training.max_steps > 0:
-        return training.max_steps
-    return max(1, math.ceil(training.num_train_epochs * (num_prompts // prompts_per_step)))

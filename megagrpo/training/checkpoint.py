@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
+from megagrpo.conversion.hf_weights import load_megatron_shards, save_megatron_shards
 from megagrpo.conversion.megatron_format import HF_FILES_DIR, rank_dir
-from megagrpo.models.hf_weights import load_megatron_shards, save_megatron_shards
 
 PREFIX = "checkpoint-"
 COMPLETE = "COMPLETE"

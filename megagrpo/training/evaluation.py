@@ -1,4 +1,4 @@
-"""Evaluation on the test split (the seed's "track overall model performance").
+"""Evaluation on the test split (open-r1's ``eval_dataset``, when eval_strategy is not "no").
 
 At step 0, every ``eval_steps`` and at the end of training, the rollout engines generate with the
 current weights, for each test prompt, one greedy completion and ``eval_num_generations`` (k)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megagrpo.training.schedule import run_schedule
+from megagrpo.training.forward_backward import forward_backward
 
 
 def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: str) -> None:
@@ -27,7 +27,7 @@ def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: s
         return torch.zeros((), device=logits.device), {"logp": logp_bl.detach()}
 
     try:
-        outputs = run_schedule(chunks, micro_batches, loss_fn, forward_only=True)
+        outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=True)
     finally:
         for c, mode in zip(chunks, was_training):
             c.train(mode)

@@ -1,4 +1,4 @@
-"""The GRPO training loop (the seed's "GRPO training" and "monitoring").
+"""The GRPO training loop and its monitoring (what TRL's GRPOTrainer.train does for open-r1).
 
 Each step: rollout -> rewards -> advantages (rank 0, broadcast) -> this rank's micro-batches
 -> old / reference log-probs -> ``num_iterations`` policy updates through megatron's schedules
@@ -190,8 +190,8 @@ def export_final_model(run) -> str:
     import shutil
 
     from megagrpo.conversion.convert import megatron_to_hf
+    from megagrpo.conversion.hf_weights import save_megatron_shards
     from megagrpo.conversion.megatron_format import HF_FILES_DIR, copy_side_files
-    from megagrpo.models.hf_weights import save_megatron_shards
 
     out = run.recipe.training.output_dir
     shards = os.path.join(out, ".final_megatron")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megagrpo.algorithms.loss_aggregation import BatchContext, LossType
-from megagrpo.training.schedule import run_schedule
+from megagrpo.training.forward_backward import forward_backward
 
 # Token-weighted sums collected per micro-batch, in this order.
 SUM_KEYS = (
@@ -93,7 +93,7 @@ def grpo_update(
         value = loss_type.loss(out.loss, mb.mask_bl, ctx)
         return value, {"sums": _metric_sums(mb, out, loss_type, ctx)}
 
-    outputs = run_schedule(chunks, micro_batches, loss_fn, forward_only=False)
+    outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=False)
     return [o["sums"] for o in outputs]
 
 
@@ -143,6 +143,11 @@ def reduce_metrics(
     s = dict(zip(SUM_KEYS, total.tolist()))
     tokens = max(s["tokens"], 1.0)
     metrics = {
+        # k3 = exp(r) - r - 1 with r = ref_logp - logp, the mean over completion tokens (TRL's
+        # estimator). It estimates KL(policy || reference) only on samples of the current policy.
+        # With num_iterations > 1 (or async rollouts) the samples come from an older policy, and
+        # k3 on them is heavy-tailed: a few tokens that lost several nats carry most of it, so it
+        # can be far above the true KL. A poor health signal there; watch reward and entropy.
         "kl": s["kl"] / tokens,
         "entropy": s["entropy"] / tokens,
         "clip_ratio/low_mean": s["clip_low"] / tokens,

@@ -1,13 +1,15 @@
 """The run's prompts (global rank 0): load, format, tokenize, and the per-step sampler.
 
-The seed's "Dataset Preparation": the dataset (``dataset_name`` or ``dataset_mixture``) is
-loaded with HF ``datasets``, each row becomes the ``<think>/<answer>`` conversation with the
-system prompt, columns the rewards do not read are dropped, and prompts are tokenized with the
-chat template; prompts over ``max_prompt_length`` are skipped and counted (or raise).
+Dataset preparation as in open-r1's grpo.py: the dataset (``dataset_name`` or
+``dataset_mixture``) is loaded with HF ``datasets``, each row becomes the ``<think>/<answer>``
+conversation with the system prompt, columns the rewards do not read are dropped, and prompts are
+tokenized with the chat template; prompts over ``max_prompt_length`` are skipped and counted (or
+raise).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +31,6 @@ class PromptData:
 
 
 def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
-    from megagrpo.training.build import steps_for
-
     s, t = recipe.script, recipe.training
     if s.dataset_mixture is not None:
         splits = load_mixture(s.dataset_mixture)
@@ -79,3 +79,10 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
         reward_columns=reward_columns,
         skipped_long_prompts=train.skipped,
     )
+
+
+def steps_for(num_prompts: int, prompts_per_step: int, training) -> int:
+    """Generation steps of the run: max_steps, else num_train_epochs over the prompts."""
+    if training.max_steps and training.max_steps > 0:
+        return training.max_steps
+    return max(1, math.ceil(training.num_train_epochs * (num_prompts // prompts_per_step)))

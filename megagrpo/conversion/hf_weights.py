@@ -3,7 +3,7 @@
 - ``load_hf_weights``: fill this rank's chunks from a Hugging Face checkpoint (each rank reads
   only its slices of the memory-mapped safetensors).
 - ``load_megatron_shards`` / ``save_megatron_shards``: this rank's part of a megagrpo megatron
-  checkpoint (see ``megagrpo.conversion.megatron_format``).
+  checkpoint (see ``megatron_format``).
 - ``iter_hf_tensors``: the model as (HF name, full tensor) pairs, gathered over TP and, if asked,
   broadcast over PP, one tensor at a time. Weight sync to the rollout engines is built on it.
 """

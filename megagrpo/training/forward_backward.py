@@ -1,9 +1,10 @@
-"""Running micro-batches through megatron-core's forward/backward schedules.
+"""Running micro-batches through megatron-core's forward/backward pipeline schedules (the
+learning-rate schedule is ``lr_schedule.py``).
 
-``run_schedule`` feeds every pipeline stage the same micro-batches (all ranks of a model-parallel
-group hold the step's data), lets megatron pick the schedule (no pipelining, 1F1B, interleaved
-1F1B), and returns what the loss function produced for each micro-batch on the last stage (an
-empty list elsewhere). The loss function receives the micro-batch and this rank's
+``forward_backward`` feeds every pipeline stage the same micro-batches (all ranks of a
+model-parallel group hold the step's data), lets megatron pick the schedule (no pipelining, 1F1B,
+interleaved 1F1B), and returns what the loss function produced for each micro-batch on the last
+stage (an empty list elsewhere). The loss function receives the micro-batch and this rank's
 vocab-parallel logits ``[b, L, V/TP]``.
 """
 
@@ -15,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 
-def run_schedule(
+def forward_backward(
     chunks,
     micro_batches: list,
     loss_fn: Callable,
