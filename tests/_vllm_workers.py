@@ -12,11 +12,11 @@ TEMPERATURE = 0.8
 
 def _policy(hf_dir):
     from megagrpo.config import MegatronConfig
+    from megagrpo.conversion.hf_weights import load_hf_weights
     from megagrpo.conversion.safetensors_io import SafetensorsDir
     from megagrpo.distributed import init_distributed
     from megagrpo.models.arch import load_arch
     from megagrpo.models.builder import build_model
-    from megagrpo.models.hf_weights import load_hf_weights
     from megagrpo.training.optimizer import wrap_ddp
 
     par = MegatronConfig()
@@ -67,7 +67,7 @@ def colocated_engine_worker(hf_dir):
     """One trainer process with an in-process vLLM engine: construction arguments, samples and
     their log-probs against the trainer's, a weight update through the worker extension, the
     prefix-cache reset, sampling settings vLLM refuses."""
-    from megagrpo.models.hf_weights import iter_hf_tensors
+    from megagrpo.conversion.hf_weights import iter_hf_tensors
     from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
     from megagrpo.rollout.vllm_engine import VLLMConfig, VLLMEngine
     from megagrpo.rollout.weight_sync import sync_weights_from_megatron, tensor_digest
@@ -184,7 +184,7 @@ def server_pool_worker(hf_dir, log_dir):
     import threading
     import time
 
-    from megagrpo.models.hf_weights import iter_hf_tensors
+    from megagrpo.conversion.hf_weights import iter_hf_tensors
     from megagrpo.rollout.pool import RolloutPool, RolloutPoolConfig
     from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
     from megagrpo.rollout.vllm_engine import VLLMConfig

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 from megagrpo.config.errors import ConfigError
 from megagrpo.config.script_args import REWARD_ALIASES, REWARD_FUNCS
 from megagrpo.config.training import REPORT_TO
-from megagrpo.rollout.vllm_engine import MAX_TEMPERATURE as MAX_VLLM_TEMPERATURE
+
+MAX_VLLM_TEMPERATURE = 2.0
+"""vLLM refuses sampling temperatures above this (its ``SamplingParams._verify_args``)."""
 
 if TYPE_CHECKING:
     from megagrpo.config.recipe import Recipe

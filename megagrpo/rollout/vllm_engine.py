@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from megagrpo.config.validate import MAX_VLLM_TEMPERATURE
 from megagrpo.rollout.protocol import (
     RolloutRequest,
     Sample,
@@ -50,8 +51,7 @@ from megagrpo.rollout.protocol import (
 )
 
 WORKER_EXTENSION = "megagrpo.rollout.vllm_worker.WeightSyncExtension"
-MAX_TEMPERATURE = 2.0
-"""vLLM refuses sampling temperatures above this (``SamplingParams._verify_args``)."""
+MAX_TEMPERATURE = MAX_VLLM_TEMPERATURE
 
 
 def import_vllm():
