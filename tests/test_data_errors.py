@@ -194,6 +194,39 @@ def test_null_solution_only_where_it_is_needed(tmp_path, tok):
         )
 
 
+def test_solution_of_the_wrong_type(tmp_path, tok):
+    path = _jsonl(tmp_path / "train.jsonl", _with(8, solution=["4", "5"]))
+    with pytest.raises(
+        DataError,
+        match=rf"^{path}: row 8 \(0-based\), line 9: column 'solution' holds list \['4', '5'\]; "
+        "expected a string or a number",
+    ):
+        _load(tok, path)
+
+
+def test_directory_rows_are_named_in_their_file(tmp_path, tok):
+    d = tmp_path / "dir"
+    d.mkdir()
+    _jsonl(d / "train-0.jsonl", ROWS[:10])
+    bad = _jsonl(d / "train-1.jsonl", _with(14, problem=None)[10:])
+    with pytest.raises(DataError, match=rf"^{bad}: row 4 \(0-based\), line 5: column 'problem'"):
+        _load(tok, d)
+    with pytest.raises(DataError, match=rf"^{d}: column\(s\) \['question'\] not found"):
+        _load(tok, d, "--dataset_prompt_column", "question")
+
+
+def test_directory_files_with_different_column_types(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    first = _jsonl(d / "train-0.jsonl", ROWS[:10])
+    other = _jsonl(d / "train-1.jsonl", _with(14, problem={"text": "x"})[10:])
+    with pytest.raises(
+        DataError,
+        match=rf"^{other}: column 'problem' holds Json\(.*\) but Value\('string'\) in {first}",
+    ):
+        open_source(str(d))
+
+
 def test_parquet_and_csv_rows(tmp_path, tok):
     import datasets
 

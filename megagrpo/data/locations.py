@@ -10,6 +10,7 @@ first problem as one line (the line, what was found, what was expected), or None
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 
@@ -36,39 +37,27 @@ def _csv_row_lines(path: str) -> list[int]:
     return out
 
 
-def _row_count(path: str, builder: str) -> int:
-    if path.endswith(".jsonl"):
-        return len(_jsonl_row_lines(path))
-    if builder == "csv":
-        return len(_csv_row_lines(path))
-    if builder == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    import datasets
-
-    return len(datasets.load_dataset(builder, data_files=path, split="train"))
-
-
 class RowLocator:
     """``locate(row) -> str``: the file (or dataset) and row of a source, for messages."""
 
-    def __init__(self, name: str, files: list[str] | None = None, builder: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        files: list[str] | None = None,
+        builder: str | None = None,
+        lengths: list[int] | None = None,
+    ):
         self.name = name
         self.files = files or []
         self.builder = builder
+        # the row where each file starts in the concatenation (lengths: rows per file)
+        self._starts = [sum((lengths or [])[:k]) for k in range(len(self.files))]
         self._lines: dict[str, list[int]] = {}
-        self._starts: list[int] | None = None
 
     def _file_of(self, row: int) -> tuple[str, int]:
         if len(self.files) == 1:
             return self.files[0], row
-        if self._starts is None:
-            self._starts, total = [], 0
-            for path in self.files:
-                self._starts.append(total)
-                total += _row_count(path, self.builder)
-        i = max(k for k, start in enumerate(self._starts) if start <= row)
+        i = bisect.bisect_right(self._starts, row) - 1
         return self.files[i], row - self._starts[i]
 
     def _line(self, path: str, row: int) -> int | None:

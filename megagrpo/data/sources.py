@@ -7,7 +7,8 @@ csv files), or one such file. A mixture (open-r1's ``dataset_mixture``) takes a 
 can split off a test set.
 
 ``open_source`` gives the dataset with a ``RowLocator`` (which file and row a row came from) so
-that a bad row can be named; a file that does not load is re-read to name its bad line. A
+that a bad row can be named; a file that does not load is re-read to name its bad line, and the
+files of a directory are loaded one by one and must hold each column with one type. A
 mixture member is subset by its weight first, then handed to ``prepare`` (checked, formatted and
 tokenized) before the members are concatenated, so that its rows are still named in its own
 file.
@@ -61,23 +62,38 @@ def _datasets_errors_unlogged():
         logger.setLevel(level)
 
 
-def _load_files(files: list[str], builder: str) -> Source:
+def _load_file(path: str, builder: str):
     import datasets
 
-    for path in files:
-        problem = unreadable(path)
-        if problem:
-            raise DataError(problem)
+    problem = unreadable(path)
+    if problem:
+        raise DataError(problem)
     try:
         with _datasets_errors_unlogged():
-            ds = datasets.load_dataset(builder, data_files=files, split="train")
-    except Exception as e:  # noqa: BLE001 - re-read the files to name the bad line
-        for path in files:
-            problem = file_problem(path, builder, e)
-            if problem:
-                raise DataError(problem) from e
-        raise  # nothing wrong found in the files: not a data problem
-    return Source(ds, RowLocator(files[0], files, builder))
+            return datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as e:  # noqa: BLE001 - re-read the file to name the bad line
+        problem = file_problem(path, builder, e)
+        if problem:
+            raise DataError(problem) from e
+        raise  # nothing wrong found in the file: not a data problem
+
+
+def _load_files(files: list[str], builder: str, name: str) -> Source:
+    """The files one by one, then concatenated: ``datasets`` loading them at once would cast a
+    column to the first file's type silently (a JSON value becomes its JSON text)."""
+    import datasets
+
+    parts = [_load_file(path, builder) for path in files]
+    for path, part in zip(files[1:], parts[1:]):
+        for column, feature in part.features.items():
+            first = parts[0].features.get(column)
+            if first is not None and feature != first:
+                raise DataError(
+                    f"{path}: column {column!r} holds {feature} but {first} in {files[0]}; "
+                    "store it with one type in every file"
+                )
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return Source(ds, RowLocator(name, files, builder, [len(p) for p in parts]))
 
 
 def _builder_for(path: str) -> str:
@@ -116,7 +132,7 @@ def _load_directory(path: str, split: str) -> Source:
     builders = {_builder_for(f) for f in chosen}
     if len(builders) > 1:
         raise DataError(f"{path}: mixed file types {sorted(builders)} for split {split!r}")
-    return _load_files(chosen, builders.pop())
+    return _load_files(chosen, builders.pop(), path)
 
 
 def open_source(name: str, config: str | None = None, split: str = "train") -> Source:
@@ -126,7 +142,7 @@ def open_source(name: str, config: str | None = None, split: str = "train") -> S
     if os.path.isdir(name):
         return _load_directory(name, split)
     if os.path.isfile(name):
-        return _load_files([name], _builder_for(name))
+        return _load_files([name], _builder_for(name), name)
     if name.startswith((".", "/")) or name.endswith(tuple(_FILE_BUILDERS)):
         raise DataError(f"dataset_name={name!r}: no such file or directory")
     try:
