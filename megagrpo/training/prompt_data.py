@@ -123,14 +123,15 @@ def _too_few_prompts(recipe, kept: int, needed: int, skipped: SkippedRows) -> st
     )
 
 
-def share_prompt_data(recipe, tokenizer, groups, broadcast):
+def share_prompt_data(recipe, tokenizer, groups, broadcast, *, load: bool | None = None):
     """Rank 0 loads the prompts; every rank returns ``(data or None, total_steps,
     steps_per_epoch)``. A ``DataError`` on rank 0 is raised on every rank with the same message
     (the ``megagrpo`` command prints it on rank 0 only); any other failure raises on rank 0 with
     its traceback and as a RuntimeError on the others, so that no rank waits in the broadcast.
-    ``broadcast(value, groups)`` sends rank 0's value to all ranks."""
+    ``broadcast(value, groups)`` sends rank 0's value to all ranks. ``load``: whether this rank
+    loads the prompts too (default: rank 0 only; rank 0 always does)."""
     data, shared, failure = None, None, None
-    if groups.rank == 0:
+    if groups.rank == 0 or load:
         try:
             data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
             shared = ("ok", data.total_steps, data.sampler.steps_per_epoch)
