@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from megagrpo.config import ConfigError
     from megagrpo.conversion.safetensors_io import CheckpointError
+    from megagrpo.data.errors import DataError
     from megagrpo.models.arch import ArchitectureError
 
     if args.command == "rollout-server":
@@ -273,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         return {"demo": _cmd_demo, "convert": _cmd_convert}[args.command](args)
     except (ArchitectureError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"megagrpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # raised on every rank (training/prompt_data.py); rank 0 says it
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            one_line = " ".join(str(e).splitlines())
+            print(f"megagrpo {args.command}: error: {one_line}", file=sys.stderr, flush=True)
+        if dist.is_initialized():  # torchrun stops all ranks at the first exit: say it first
+            dist.barrier()
         return 2
 
 

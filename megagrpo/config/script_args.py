@@ -8,6 +8,7 @@ default differs from open-r1's, the help says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from megagrpo.config.fields import option
 
@@ -103,6 +104,14 @@ class GRPOScriptArguments:
         None,
         help="A mixture of datasets instead of dataset_name, in open-r1's YAML shape: "
         "{datasets: [{id, config, split, columns, weight}, ...], seed, test_split_size}.",
+    )
+    on_bad_rows: Literal["error", "skip"] = option(
+        "error",
+        help="What a bad row does (a prompt that is not a string or a list of chat messages, a "
+        "null solution where the accuracy rewards or the evaluation need one): error stops "
+        "before training, naming file, row and column; skip drops such rows and counts them "
+        "(printed once, logged as data/skipped_rows). Prompts over max_prompt_length follow "
+        "long_prompts instead. Not in open-r1.",
     )
 
     # ---- rewards ----

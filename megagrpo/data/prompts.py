@@ -5,14 +5,20 @@ problem), the columns the reward functions read (``solution``, ...) are kept as 
 rest are dropped. ``tokenize_prompts`` renders the chat template (the tokenizer's, or the
 recipe's ``chat_template``) with the generation prompt and keeps the token ids; prompts longer than
 ``max_prompt_length`` tokens are skipped and counted, or raise, never cut mid-text.
+``prepare_source`` does all of it for one loaded source, after the row checks of
+``megagrpo.data.rows``, so that every dropped or bad row is named in its own file.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from megagrpo.data.errors import DataError
+from megagrpo.data.rows import FIRST_ROWS, SkippedRows, drop_or_raise, find_bad_rows, prompt_problem
 
-class PromptError(ValueError):
+
+class PromptError(DataError):
     """A dataset that does not fit the prompt format; the message names the column."""
 
 
@@ -32,24 +38,20 @@ class PromptFormat:
     """``skip`` (count and drop) or ``error`` for prompts over max_prompt_length."""
 
 
-def _conversation(value, system_prompt: str | None, column: str, row: int) -> list[dict]:
+def _conversation(value, system_prompt: str | None, column: str, where: str) -> list[dict]:
+    problem = prompt_problem(value, column)
+    if problem:
+        raise PromptError(f"{where}: {problem[1]}")
     if isinstance(value, str):
         messages = [{"role": "user", "content": value}]
-    elif isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
-        messages = [{"role": m["role"], "content": m.get("content", "")} for m in value]
     else:
-        raise PromptError(
-            f"row {row}: column '{column}' holds {type(value).__name__}; expected a string or "
-            "a list of chat messages"
-        )
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     return messages
 
 
-def format_conversations(ds, fmt: PromptFormat, *, name: str = "dataset"):
-    """Add the ``prompt`` conversation column, keep reward columns, drop everything else."""
-    present = list(ds.column_names)
+def check_columns(present: list[str], fmt: PromptFormat, name: str) -> None:
     needed = [fmt.prompt_column] + [c for c in fmt.reward_columns if c != fmt.prompt_column]
     missing = [c for c in needed if c not in present]
     if missing:
@@ -57,12 +59,18 @@ def format_conversations(ds, fmt: PromptFormat, *, name: str = "dataset"):
         raise PromptError(
             f"{name}: column(s) {missing} not found ({what}); columns present: {present}"
         )
+
+
+def format_conversations(ds, fmt: PromptFormat, *, name: str = "dataset"):
+    """Add the ``prompt`` conversation column, keep reward columns, drop everything else."""
+    present = list(ds.column_names)
+    check_columns(present, fmt, name)
     keep = set(fmt.reward_columns)
 
     def convert(batch, indices):
         return {
             "prompt": [
-                _conversation(v, fmt.system_prompt, fmt.prompt_column, i)
+                _conversation(v, fmt.system_prompt, fmt.prompt_column, f"{name}: row {i} (0-based)")
                 for v, i in zip(batch[fmt.prompt_column], indices)
             ]
         }
@@ -75,14 +83,25 @@ def format_conversations(ds, fmt: PromptFormat, *, name: str = "dataset"):
 class TokenizedPrompts:
     dataset: object
     """The dataset with ``prompt_ids`` added."""
-    skipped: int
-    """Prompts dropped for exceeding max_prompt_length."""
+    too_long: list[int]
+    """Rows of the input dropped for exceeding max_prompt_length."""
+
+    @property
+    def skipped(self) -> int:
+        return len(self.too_long)
 
 
 def tokenize_prompts(
-    ds, tokenizer, fmt: PromptFormat, *, chat_template: str | None = None, name: str = "dataset"
+    ds,
+    tokenizer,
+    fmt: PromptFormat,
+    *,
+    chat_template: str | None = None,
+    name: str = "dataset",
+    where: Callable[[int], str] | None = None,
 ) -> TokenizedPrompts:
-    """Render the chat template with the generation prompt and tokenize every prompt."""
+    """Render the chat template with the generation prompt and tokenize every prompt;
+    ``where(row)`` names a row of ``ds`` in messages (default: ``name: row r (0-based)``)."""
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise PromptError(
@@ -107,14 +126,51 @@ def tokenize_prompts(
     ds = ds.map(encode, batched=True)
     limit = fmt.max_prompt_length
     if limit is None:
-        return TokenizedPrompts(ds, 0)
+        return TokenizedPrompts(ds, [])
     too_long = [i for i, n in enumerate(ds["prompt_length"]) if n > limit]
     if too_long and fmt.long_prompts == "error":
+        where = where or (lambda i: f"{name}: row {i} (0-based)")
         raise PromptError(
-            f"{name}: {len(too_long)} prompt(s) exceed max_prompt_length={limit} tokens "
-            f"(first: row {too_long[0]}, {ds[too_long[0]]['prompt_length']} tokens)"
+            f"{where(too_long[0])}: prompt of {ds[too_long[0]]['prompt_length']} tokens; "
+            f"{len(too_long)} prompt(s) exceed max_prompt_length={limit} tokens (raise it, or "
+            "set long_prompts: skip to drop them)"
         )
     if too_long:
         drop = set(too_long)
         ds = ds.select([i for i in range(len(ds)) if i not in drop])
-    return TokenizedPrompts(ds, len(too_long))
+    return TokenizedPrompts(ds, too_long)
+
+
+def prepare_source(
+    source,
+    tokenizer,
+    fmt: PromptFormat,
+    skipped: SkippedRows,
+    *,
+    chat_template: str | None = None,
+    on_bad_rows: str = "error",
+    solution_column: str | None = None,
+):
+    """A loaded ``megagrpo.data.sources.Source`` -> its checked, formatted, tokenized rows.
+
+    Bad rows raise or are dropped (``on_bad_rows``; the solution is checked when
+    ``solution_column`` is given), then too-long prompts (``fmt.long_prompts``); what is dropped
+    is counted in ``skipped`` with where the rows live."""
+    ds = source.dataset
+    check_columns(list(ds.column_names), fmt, source.locate.name)
+    bad = find_bad_rows(ds, fmt.prompt_column, solution_column)
+    kept, ds = drop_or_raise(ds, bad, source.where, on_bad_rows, skipped)
+    where = lambda i: source.where(kept[i])
+    out = tokenize_prompts(
+        format_conversations(ds, fmt, name=source.locate.name),
+        tokenizer,
+        fmt,
+        chat_template=chat_template,
+        name=source.locate.name,
+        where=where,
+    )
+    if out.too_long:
+        skipped.add(
+            "prompt_too_long", len(out.too_long), [where(i) for i in out.too_long[:FIRST_ROWS]]
+        )
+    return out.dataset

@@ -4,7 +4,9 @@
 ``<output_dir>/metrics.jsonl`` (appended, so a resumed run continues the same file; readers take
 the last line of a step), prints a one-line summary, and forwards to wandb when ``report_to``
 names it. wandb runs offline (files under ``<output_dir>/wandb``, sync later with ``wandb sync``)
-unless the user asked for online mode through ``WANDB_MODE=online``.
+unless the user asked for online mode through ``WANDB_MODE=online``. ``first_record`` metrics
+(``data/skipped_rows``, rows dropped from the prompts) go into the first record a run writes
+(the step-0 evaluation, or the first logged step; after a resume, its first logged step).
 
 Metric names are TRL's (``reward``, ``reward_std``, ``rewards/<fn>/mean``, ``kl``, ``entropy``,
 ``clip_ratio/region_mean``, ``completions/mean_length``, ...) so dashboards carry over. ``kl`` is
@@ -73,8 +75,10 @@ class MetricsLogger:
         wandb: WandbSettings | None = None,
         enabled: bool = True,
         print_fn=print,
+        first_record: dict[str, Any] | None = None,
     ):
         self.enabled = enabled
+        self._first_record = dict(first_record or {})  # merged into the first record written
         self.path = os.path.join(output_dir, METRICS_FILE)
         self._print = print_fn
         self._wandb_run = None
@@ -95,6 +99,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        metrics, self._first_record = {**self._first_record, **metrics}, {}
         record = {
             "step": step,
             "time": time.time(),

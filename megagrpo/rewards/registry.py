@@ -68,6 +68,12 @@ _BUILTINS: dict[str, tuple[str, str, Any, str | None]] = {
 _VERIFIES = ("accuracy", "cosine", "length")
 MATH_VERIFY_GROUP = "math_verify"
 
+
+def reads_solution(reward_funcs: list[str]) -> bool:
+    """Whether a built-in of ``reward_funcs`` checks completions against the ``solution``."""
+    return any(REWARD_ALIASES.get(n, n) in _VERIFIES for n in reward_funcs)
+
+
 #: open-r1's Python function names, accepted in reward_funcs.
 ALIASES = REWARD_ALIASES
 

@@ -33,6 +33,7 @@ from megagrpo.training.checkpoint import (
 from megagrpo.training.lr_schedule import LRSchedule, schedule_from_config
 from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
 from megagrpo.training.policy_update import LossSettings
+from megagrpo.training.prompt_data import share_prompt_data
 from megagrpo.training.reference import ReferenceModel
 from megagrpo.training.rollout_engines import engine_share
 
@@ -144,7 +145,7 @@ def _resume(t, modules, optimizer, arch, groups, resolved) -> int:
     return state.step
 
 
-def _metrics_logger(recipe: Recipe, groups) -> MetricsLogger:
+def _metrics_logger(recipe: Recipe, groups, data) -> MetricsLogger:
     t = recipe.training
     return MetricsLogger(
         t.output_dir,
@@ -157,6 +158,7 @@ def _metrics_logger(recipe: Recipe, groups) -> MetricsLogger:
             config=recipe_to_dict(recipe),
         ),
         enabled=groups.rank == 0,
+        first_record=data.skipped.metrics() if data else None,
     )
 
 
@@ -172,6 +174,12 @@ def build_run(recipe: Recipe) -> Run:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    share = engine_share(t, groups)  # collective with colocated vLLM: every rank, in order
+    # the prompts before the model: a data error stops every rank in seconds (prompt_data.py);
+    # ranks that hold an engine make their own requests from them
+    data, total_steps, steps_per_epoch = share_prompt_data(
+        recipe, tokenizer, groups, _broadcast_from_rank0, load=share is not None
+    )
     resolved = mc.resolved(t.gradient_checkpointing)
     dtype = _params_dtype(t)
     source = SafetensorsDir(model_dir)
@@ -185,15 +193,6 @@ def build_run(recipe: Recipe) -> Run:
         load_hf_weights(ref, source, arch, groups)
         reference = ReferenceModel(ref, offload=t.ref_model_offload)
 
-    share = engine_share(t, groups)  # collective with colocated vLLM: every rank, in order
-    data = None
-    if share is not None:  # rank 0, or every rank with colocated vLLM (each makes requests)
-        from megagrpo.training.prompt_data import load_prompt_data
-
-        data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
-    total_steps, steps_per_epoch = _broadcast_from_rank0(
-        (data.total_steps, data.sampler.steps_per_epoch) if data else None, groups
-    )
     start_step = _resume(t, modules, optimizer, arch, groups, resolved)
     run = Run(
         recipe=recipe,
@@ -208,7 +207,7 @@ def build_run(recipe: Recipe) -> Run:
         loss_type=get_loss_type(t.loss_type),
         loss=LossSettings.from_config(t),
         reference=reference,
-        logger=_metrics_logger(recipe, groups),
+        logger=_metrics_logger(recipe, groups, data),
         total_steps=total_steps,
         start_step=start_step,
         micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,

@@ -13,9 +13,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from megagrpo.data.prompts import PromptFormat, format_conversations, tokenize_prompts
+from megagrpo.data.errors import DataError
+from megagrpo.data.prompts import PromptFormat, prepare_source
+from megagrpo.data.rows import REASONS, SkippedRows
 from megagrpo.data.sampler import PromptSampler
-from megagrpo.data.sources import load_mixture, load_source
+from megagrpo.data.sources import load_mixture, open_source
+from megagrpo.rewards.registry import reads_solution
 
 
 @dataclass
@@ -27,19 +30,16 @@ class PromptData:
     total_steps: int
     reward_columns: dict[str, str]
     """Name a reward function reads (``solution``) -> the dataset column holding it."""
-    skipped_long_prompts: int
+    skipped: SkippedRows
+    """Rows dropped from the train and test prompts (bad rows, too-long prompts), per reason."""
+
+    @property
+    def skipped_long_prompts(self) -> int:
+        return self.skipped.counts.get("prompt_too_long", 0)
 
 
 def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
     s, t = recipe.script, recipe.training
-    if s.dataset_mixture is not None:
-        splits = load_mixture(s.dataset_mixture)
-        train_raw, test_raw = splits["train"], splits.get("test")
-    else:
-        train_raw = load_source(s.dataset_name, s.dataset_config, s.dataset_train_split)
-        test_raw = None
-        if t.eval_strategy != "no":
-            test_raw = load_source(s.dataset_name, s.dataset_config, s.dataset_test_split)
     reward_columns = {"solution": s.dataset_solution_column} if s.dataset_solution_column else {}
     fmt = PromptFormat(
         prompt_column=s.dataset_prompt_column,
@@ -48,36 +48,51 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
         max_prompt_length=t.max_prompt_length,
         long_prompts=t.long_prompts,
     )
-    name = s.dataset_name or "dataset_mixture"
-    train = tokenize_prompts(
-        format_conversations(train_raw, fmt, name=name),
-        tokenizer,
-        fmt,
-        chat_template=t.chat_template,
-        name=name,
-    )
-    test = None
-    if test_raw is not None:
-        test = tokenize_prompts(
-            format_conversations(test_raw, fmt, name=f"{name} (test)"),
+    train_skipped, test_skipped = SkippedRows(), SkippedRows()
+    evaluates = t.eval_strategy != "no"
+    rewards_solution = s.dataset_solution_column if reads_solution(s.reward_funcs) else None
+
+    def prepare(source, skipped, solution_column):
+        return prepare_source(
+            source,
             tokenizer,
             fmt,
+            skipped,
             chat_template=t.chat_template,
-            name=f"{name} (test)",
-        ).dataset
-        if t.eval_max_prompts:
-            test = test.select(range(min(t.eval_max_prompts, len(test))))
+            on_bad_rows=s.on_bad_rows,
+            solution_column=solution_column,
+        )
+
+    if s.dataset_mixture is not None:
+        test_solution = evaluates and s.dataset_mixture.test_split_size
+        solution_column = s.dataset_solution_column if test_solution else rewards_solution
+        splits = load_mixture(
+            s.dataset_mixture, lambda src: prepare(src, train_skipped, solution_column)
+        )
+        train, test = splits["train"], splits.get("test")
+    else:
+        src = open_source(s.dataset_name, s.dataset_config, s.dataset_train_split)
+        train, test = prepare(src, train_skipped, rewards_solution), None
+        if evaluates:
+            src = open_source(s.dataset_name, s.dataset_config, s.dataset_test_split)
+            test = prepare(src, test_skipped, s.dataset_solution_column)
+    if test is not None and t.eval_max_prompts:
+        test = test.select(range(min(t.eval_max_prompts, len(test))))
     completions = t.per_device_train_batch_size * t.gradient_accumulation_steps * dp_size
     prompts_per_step = completions // t.num_generations
-    sampler = PromptSampler(len(train.dataset), prompts_per_step, seed=t.seed)
+    if len(train) < prompts_per_step:
+        raise DataError(_too_few_prompts(recipe, len(train), prompts_per_step, train_skipped))
+    skipped = SkippedRows()
+    skipped.merge(train_skipped)
+    skipped.merge(test_skipped)
     return PromptData(
-        train=train.dataset,
+        train=train,
         test=test,
-        sampler=sampler,
+        sampler=PromptSampler(len(train), prompts_per_step, seed=t.seed),
         prompts_per_step=prompts_per_step,
-        total_steps=steps_for(len(train.dataset), prompts_per_step, t),
+        total_steps=steps_for(len(train), prompts_per_step, t),
         reward_columns=reward_columns,
-        skipped_long_prompts=train.skipped,
+        skipped=skipped,
     )
 
 
@@ -86,3 +101,56 @@ def steps_for(num_prompts: int, prompts_per_step: int, training) -> int:
     if training.max_steps and training.max_steps > 0:
         return training.max_steps
     return max(1, math.ceil(training.num_train_epochs * (num_prompts // prompts_per_step)))
+
+
+def _too_few_prompts(recipe, kept: int, needed: int, skipped: SkippedRows) -> str:
+    """Why the training set is smaller than one step, and which setting to change."""
+    s, t = recipe.script, recipe.training
+    name = s.dataset_name or "dataset_mixture"
+    text = (
+        f"{name}: {kept} training prompt(s), fewer than the {needed} one step needs "
+        "(per_device_train_batch_size x gradient_accumulation_steps x data-parallel ranks / "
+        "num_generations)"
+    )
+    if not skipped.total:
+        return text + "; use more data or lower per_device_train_batch_size"
+    why = []
+    for reason, n in sorted(skipped.counts.items()):
+        if reason == "prompt_too_long":
+            why.append(
+                f"{n} longer than max_prompt_length={t.max_prompt_length} tokens (raise "
+                "max_prompt_length)"
+            )
+        else:
+            why.append(f"{n}: {REASONS.get(reason, reason)} (fix those rows)")
+    return f"{text}; {skipped.total + kept} were loaded and {skipped.total} dropped: " + ", ".join(
+        why
+    )
+
+
+def share_prompt_data(recipe, tokenizer, groups, broadcast, *, load: bool | None = None):
+    """Rank 0 loads the prompts; every rank returns ``(data or None, total_steps,
+    steps_per_epoch)``. A ``DataError`` on rank 0 is raised on every rank with the same message
+    (the ``megagrpo`` command prints it on rank 0 only); any other failure raises on rank 0 with
+    its traceback and as a RuntimeError on the others, so that no rank waits in the broadcast.
+    ``broadcast(value, groups)`` sends rank 0's value to all ranks. ``load``: whether this rank
+    loads the prompts too (default: rank 0 only; rank 0 always does)."""
+    data, shared, failure = None, None, None
+    if groups.rank == 0 or load:
+        try:
+            data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
+            shared = ("ok", data.total_steps, data.sampler.steps_per_epoch)
+            if groups.rank == 0 and data.skipped.total:
+                print(f"megagrpo: skipped {data.skipped.summary()}", flush=True)
+        except DataError as e:
+            failure, shared = e, ("data_error", str(e))
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure, shared = e, ("failed", f"{type(e).__name__}: {e}")
+    shared = broadcast(shared, groups)
+    if failure is not None:
+        raise failure
+    if shared[0] == "data_error":
+        raise DataError(shared[1])
+    if shared[0] == "failed":
+        raise RuntimeError(f"rank 0 failed while loading the prompt data: {shared[1]}")
+    return data, shared[1], shared[2]
