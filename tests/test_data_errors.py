@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from megagrpo.data.errors import DataError
 from megagrpo.data.sources import open_source
 from megagrpo.demo.grpo_demo import DEMO_RECIPE
 from megagrpo.demo.tokenizer import build_demo_tokenizer
-from megagrpo.training.prompt_data import load_prompt_data
+from megagrpo.training.prompt_data import load_prompt_data, share_prompt_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(20)]
@@ -262,7 +263,11 @@ def test_skip_drops_counts_and_names_the_first_rows(tmp_path, tok, capsys):
         rows[i]["solution"] = None
     rows[12]["problem"] = 12
     path = _jsonl(tmp_path / "train.jsonl", rows)
-    data = _load(tok, path, "--on_bad_rows", "skip")
+    recipe = load_recipe(
+        DEMO_RECIPE, ["--dataset_name", str(path), "--eval_strategy", "no", "--on_bad_rows", "skip"]
+    )
+    one_rank = SimpleNamespace(rank=0, dp_size=1)
+    data, _, _ = share_prompt_data(recipe, tok, one_rank, lambda value, groups: value)
     assert len(data.train) == 15
     assert data.skipped.counts == {"null_solution": 4, "prompt_type": 1}
     assert data.skipped.first["null_solution"] == [
