@@ -248,6 +248,12 @@ def server_pool_worker(hf_dir, log_dir):
         out["versions_after"] = sorted({s.weight_version for gr in again for s in gr})
         # the restarted server was given the current weights (the pool's copy), bit for bit
         out["digests_after_restart"] = [d == trainer for d in pool.weights_digests()]
+        with open(os.path.join(log_dir, "engine0.log"), errors="replace") as f:
+            log = f.read()
+        out["flags_reached_vllm"] = [  # vLLM logs its non-default engine arguments
+            a in log for a in ("'max_model_len': 160", "'max_num_seqs': 16",
+                               "'kv_cache_memory_bytes': 33554432", "'enforce_eager': True")
+        ]  # fmt: skip
     finally:
         pool.close()
     out["servers_left"] = [p for p in pool.engine_pids() if p and os.path.exists(f"/proc/{p}")]

@@ -19,6 +19,10 @@ def test_weights_reach_every_server_bit_for_bit(result):
     assert result["digests_equal"] == [True, True]
 
 
+def test_the_pools_vllm_settings_reach_the_servers(result):
+    assert result["flags_reached_vllm"] == [True] * 4
+
+
 def test_servers_sample_from_the_trainers_policy(result):
     assert result["versions"] == [1]
     assert result["gap"] <= 1e-4

