@@ -91,10 +91,11 @@ def megatron_to_engine_worker(
     return None
 
 
-class FakeModel:
+class FakeModel(torch.nn.Module):
     """Stands in for a vLLM model: ``load_weights`` records copies of what it is given."""
 
     def __init__(self):
+        super().__init__()
         self.loaded: dict[str, torch.Tensor] = {}
 
     def load_weights(self, weights):
@@ -120,9 +121,19 @@ def vllm_extension_worker(port: int, world: int, bucket_bytes: int):
         return None
 
     class Worker(WeightSyncExtension):
+        """What the extension uses of a vLLM worker: its model, vLLM's in-place reload, its
+        tensor-parallel rank (the real worker is tested in test_rollout_vllm*.py)."""
+
         def __init__(self, rank_in_instance):
             self.rank = rank_in_instance
             self.model_runner = SimpleNamespace(model=FakeModel())
+
+        def reload_weights(self, weights_iterator, is_checkpoint_format):
+            assert is_checkpoint_format
+            self.model_runner.model.load_weights(weights_iterator)
+
+        def _megagrpo_rank_in_instance(self):
+            return self.rank
 
     worker = Worker(rank - 1)
     counts = [worker.megagrpo_receive_weights(spec.to_dict(), 1, v) for v in (1, 2)]
