@@ -19,7 +19,7 @@ Modes (``VLLMConfig.mode``):
   asleep) -> generate -> sleep; ``update_weights`` = wake the weights only -> load the
   HF-named tensors in the worker -> reset the prefix cache. Level 2 sleep discards weights,
   so after it ``generate`` refuses to run until a full ``update_weights``. (vLLM's CPU build
-  ignores sleep mode with a warning.)
+  has no sleep mode and refuses the flag: the engine then runs without it, saying so once.)
 - ``server``: inside ``megagrpo rollout-server``; weights arrive over the sync group straight
   into every vLLM worker (``receive_broadcast``), never through the server process.
 
@@ -51,7 +51,6 @@ from megagrpo.rollout.protocol import (
 )
 
 WORKER_EXTENSION = "megagrpo.rollout.vllm_worker.WeightSyncExtension"
-MAX_TEMPERATURE = MAX_VLLM_TEMPERATURE
 
 
 def import_vllm():
@@ -165,10 +164,10 @@ def vllm_sampling_params(vllm, sampling: SamplingParams, seed: int | None):
     Our ``stop_token_ids`` replace the EOS ids: None keeps vLLM's EOS stop, () never stops
     early (``ignore_eos``), explicit ids stop on exactly those.
     """
-    if sampling.temperature > MAX_TEMPERATURE:
+    if sampling.temperature > MAX_VLLM_TEMPERATURE:
         raise ValueError(
             f"SamplingParams.temperature={sampling.temperature}: vLLM samples at temperatures "
-            f"in [0, {MAX_TEMPERATURE}]"
+            f"in [0, {MAX_VLLM_TEMPERATURE}]"
         )
     if sampling.greedy and sampling.n > 1:
         raise ValueError(
