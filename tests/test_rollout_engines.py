@@ -25,23 +25,25 @@ from megagrpo.training.rollout_engines import vllm_config
 
 def test_colocated_vllm_settings_derive_from_the_recipe(tiny_checkpoint):
     hf = tiny_checkpoint("qwen2-demo")
-    t = load_recipe(DEMO_RECIPE, ["--use_vllm", "true", "--seed", "5"]).training
+    recipe = load_recipe(DEMO_RECIPE, ["--use_vllm", "true", "--seed", "5"])
     arch = load_arch(hf)
     share = EngineShare(index=1, count=2, leader=True, is_root=False)
-    cfg = vllm_config(t, hf, arch, share=share, completions_per_step=64, on_gpu=False)
+    cfg = vllm_config(recipe, hf, arch, share=share, completions_per_step=64, on_gpu=False)
     assert (cfg.mode, cfg.model, cfg.dtype, cfg.seed) == ("colocate", hf, "float32", 6)
     assert cfg.max_num_seqs == 32  # the step's 64 completions over 2 engines
     assert cfg.max_model_len == 128 + 32  # max_prompt_length + max_completion_length
     # room for 32 full sequences: 2 (k, v) x 4 layers x 2 KV heads x 32 dims x 4 bytes, twice
     assert cfg.kv_cache_memory_bytes == max(16 * 2**20, 2 * (2 * 4 * 2 * 32 * 4) * 32 * 160)
     assert cfg.enforce_eager and cfg.enable_prefix_caching and not cfg.enable_sleep_mode
-    t = load_recipe(
+    recipe = load_recipe(
         DEMO_RECIPE, ["--use_vllm", "true", "--vllm_max_model_length", "512",
-                      "--vllm_kv_cache_memory_bytes", "1000000", "--bf16", "true"],
-    ).training  # fmt: skip
-    gpu = vllm_config(t, hf, arch, share=EngineShare(), completions_per_step=64, on_gpu=True)
+                      "--vllm_kv_cache_memory_bytes", "1000000", "--bf16", "true",
+                      "--torch_dtype", "auto", "--trust_remote_code", "true"],
+    )  # fmt: skip
+    gpu = vllm_config(recipe, hf, arch, share=EngineShare(), completions_per_step=64, on_gpu=True)
     assert (gpu.max_model_len, gpu.kv_cache_memory_bytes) == (512, 1000000)
     assert gpu.dtype == "bfloat16" and not gpu.enforce_eager and gpu.max_num_seqs == 64
+    assert gpu.trust_remote_code and not cfg.trust_remote_code
 
 
 def test_shares_are_contiguous_and_cover_the_batch():

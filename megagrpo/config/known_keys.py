@@ -75,6 +75,17 @@ UNUSED_KEYS: frozenset[str] = frozenset(
 )
 
 
+#: Fields of the recipe dataclasses that nothing reads, and why. A recipe that sets one gets the
+#: same warning as the unused keys (tests/test_config_fields.py keeps this list exact: every other
+#: field is read outside ``megagrpo/config``).
+UNREAD_FIELDS: dict[str, str] = {
+    "attn_implementation": "megatron-core, the embedded engine's decoder and vLLM each choose "
+    "their own attention kernels",
+    "per_device_eval_batch_size": "evaluation sends the whole test split to the engines at once; "
+    "they batch internally (rollout_max_batch_size, vLLM's max_num_seqs)",
+}
+
+
 def is_known_unused(key: str) -> bool:
     """True when ``key`` is a recognised key that megagrpo ignores."""
     return key in UNUSED_KEYS or key.startswith(UNUSED_PREFIXES)

@@ -22,9 +22,9 @@ class ModelConfig:
     model_revision: str = option("main", help="Branch, tag or commit of the checkpoint.")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto",
-        help="dtype the Hugging Face weights are loaded in (rollout engine, conversion); 'auto' "
-        "keeps the stored dtype. Also accepted as `dtype` (TRL's current name, default "
-        "'float32'). Training precision comes from bf16 / fp16.",
+        help="dtype of the rollout engines (the embedded engine, vLLM); 'auto' samples in the "
+        "trainer's parameter dtype (fp32 on CPU, else bf16 / fp16 as set). Also accepted as "
+        "`dtype` (TRL's current name). Training precision comes from bf16 / fp16.",
     )
     trust_remote_code: bool = option(
         False,
@@ -33,6 +33,6 @@ class ModelConfig:
     )
     attn_implementation: str | None = option(
         None,
-        help="Attention kernel of the transformers rollout engine (eager, sdpa, "
-        "flash_attention_2); megatron-core picks its own (Transformer Engine or local).",
+        help="transformers' attention kernel. Not used: megatron-core, the embedded engine's "
+        "decoder and vLLM each choose their own (a recipe that sets it gets a warning).",
     )

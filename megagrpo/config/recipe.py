@@ -18,7 +18,12 @@ import yaml
 
 from megagrpo.config.coerce import build_dataclass, unknown_key_message
 from megagrpo.config.errors import ConfigError, UnusedKeysWarning
-from megagrpo.config.known_keys import KEY_ALIASES, UNUSED_KEYS, is_known_unused
+from megagrpo.config.known_keys import (
+    KEY_ALIASES,
+    UNREAD_FIELDS,
+    UNUSED_KEYS,
+    is_known_unused,
+)
 from megagrpo.config.megatron import MegatronConfig
 from megagrpo.config.model import ModelConfig
 from megagrpo.config.overrides import parse_overrides
@@ -149,11 +154,13 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
             errors.extend(e.errors)
     if errors:
         raise ConfigError(errors)
-    if unused:
+    unread = sorted(k for k in merged if k in UNREAD_FIELDS)
+    if unused or unread:
+        parts = [f"{k} ({UNREAD_FIELDS[k]})" for k in unread] + sorted(unused)
         warnings.warn(
             UnusedKeysWarning(
                 f"megagrpo ignores these recipe keys (known from TRL / open-r1 / transformers, "
-                f"not used here): {', '.join(sorted(unused))}"
+                f"not used here): {', '.join(parts)}"
             ),
             stacklevel=2,
         )
@@ -170,10 +177,12 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def dump_recipe(recipe: Recipe, path: str | None = None) -> str:
     """The recipe as flat YAML, one commented block per section; written to ``path`` if given.
-    ``load_recipe`` of the result gives an equal recipe (minus the unused keys)."""
+    ``load_recipe`` of the result gives an equal recipe (minus the unused keys; fields nothing
+    reads, ``UNREAD_FIELDS``, are left out)."""
     blocks = []
     for section in SECTIONS:
         values = dataclasses.asdict(getattr(recipe, section))
+        values = {k: v for k, v in values.items() if k not in UNREAD_FIELDS}
         text = yaml.safe_dump(values, sort_keys=False, allow_unicode=True, width=100)
         blocks.append(f"# {_SECTION_TITLES[section]}\n{text}")
     text = "\n".join(blocks)

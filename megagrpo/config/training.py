@@ -39,7 +39,9 @@ class GRPOConfig:
     )
     logging_first_step: bool = option(False, help="Also log the first optimizer step.")
     log_level: Literal["debug", "info", "warning", "error", "critical", "passive"] = option(
-        "passive", help="Logging level of the main process; 'passive' keeps megagrpo's (info)."
+        "passive",
+        help="Level of the transformers, datasets, vLLM, megatron and torch loggers on global "
+        "rank 0; 'passive' leaves each library's own.",
     )
     report_to: list[str] = option(
         [],
@@ -55,8 +57,8 @@ class GRPOConfig:
     )
     num_completions_to_print: int | None = option(
         None,
-        help="How many of the logged completions to print to stdout; None prints all of them "
-        "(TRL's default; open-r1's is 0).",
+        help="With log_completions: how many of a logging step's completions to print to stdout "
+        "as a table; None prints all of them (TRL's default), 0 none.",
     )
 
     # ---- optimisation ----
@@ -88,7 +90,11 @@ class GRPOConfig:
         help="Completions per data-parallel rank per micro-step (TRL's meaning: completions, not "
         "prompts).",
     )
-    per_device_eval_batch_size: int = option(8, help="Completions per data-parallel rank in eval.")
+    per_device_eval_batch_size: int = option(
+        8,
+        help="transformers' evaluation batch. Not used: evaluation sends the whole test split to "
+        "the engines, which batch internally (a recipe that sets it gets a warning).",
+    )
     gradient_accumulation_steps: int = option(
         1,
         help="Micro-steps per optimizer step. One generation batch is per_device_train_batch_size "

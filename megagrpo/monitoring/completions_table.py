@@ -49,3 +49,27 @@ def write_completions_table(
     pq.write_table(pa.table(data), tmp)
     os.replace(tmp, path)
     return path
+
+
+def print_completions(
+    step: int,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    rewards: Sequence[float],
+    advantages: Sequence[float],
+    limit: int | None,
+) -> None:
+    """Print the first ``limit`` completions of a step (all with None) as a table, as TRL does
+    with ``log_completions`` and ``num_completions_to_print``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    n = len(completions) if limit is None else min(limit, len(completions))
+    if n == 0:
+        return
+    table = Table(title=f"step {step}: {n} of {len(completions)} completions", show_lines=True)
+    for name in ("prompt", "completion", "reward", "advantage"):
+        table.add_column(name, justify="right" if name in ("reward", "advantage") else "left")
+    for i in range(n):
+        table.add_row(prompts[i], completions[i], f"{rewards[i]:.3f}", f"{advantages[i]:.3f}")
+    Console().print(table)

@@ -43,6 +43,8 @@ class TransformersEngineConfig:
     """torch CPU threads for this process (None: leave torch's setting)."""
     eos_token_ids: tuple[int, ...] | None = None
     """Default stop tokens; None: generation_config / config / tokenizer EOS of the model."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint's own Python code (the recipe's ``trust_remote_code``)."""
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -102,7 +104,9 @@ class TransformersEngine:
             raise ValueError("TransformersEngineConfig.model: a model directory is required")
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=_DTYPES[config.dtype])
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model, dtype=_DTYPES[config.dtype], trust_remote_code=config.trust_remote_code
+        )
         return cls(model.to(config.device), config, model_dir=config.model)
 
     # -- weights -------------------------------------------------------------------------------

@@ -98,6 +98,8 @@ class VLLMConfig:
     enable_prefix_caching: bool = True
     """Reuse the KV cache of shared prompt prefixes (a group's n samples share their prompt);
     the cache is reset after every weight update."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint's own Python code (the recipe's ``trust_remote_code``)."""
 
     def __post_init__(self):
         if self.mode not in ("colocate", "server"):
@@ -132,6 +134,7 @@ def llm_kwargs(config: VLLMConfig) -> dict:
         seed=config.seed,
         enforce_eager=config.enforce_eager,
         enable_prefix_caching=config.enable_prefix_caching,
+        trust_remote_code=config.trust_remote_code,
         logprobs_mode="processed_logprobs",
         enable_sleep_mode=config.sleeps,
         worker_extension_cls=WORKER_EXTENSION,

@@ -24,6 +24,7 @@ from megagrpo.conversion.safetensors_io import SafetensorsDir
 from megagrpo.distributed import ParallelGroups, init_distributed
 from megagrpo.models.arch import ModelArch, load_arch
 from megagrpo.models.builder import build_model
+from megagrpo.monitoring.log_levels import apply_log_level
 from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
 from megagrpo.training.checkpoint import (
     load_checkpoint,
@@ -168,12 +169,16 @@ def build_run(recipe: Recipe) -> Run:
     t, mc = recipe.training, recipe.megatron
     _seed_everything(t.seed)
     groups = init_distributed(mc, seed=t.seed, timeout_minutes=mc.distributed_timeout_minutes)
+    if groups.rank == 0:
+        apply_log_level(t.log_level)
     model_dir = resolve_model_dir(recipe.model.model_name_or_path, recipe.model.model_revision)
     arch = load_arch(model_dir)
     validate_layout(recipe, world_size=groups.world_size, **arch.layout_dims())
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir, trust_remote_code=recipe.model.trust_remote_code
+    )
     share = engine_share(t, groups)  # collective with colocated vLLM: every rank, in order
     # the prompts before the model: a data error stops every rank in seconds (prompt_data.py);
     # ranks that hold an engine make their own requests from them

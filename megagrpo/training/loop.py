@@ -169,6 +169,17 @@ def after_step(run, step: int, data, metrics: dict) -> None:
                 data.advantages_n.tolist(),
                 data.finish_reasons,
             )
+            if t.num_completions_to_print != 0:
+                from megagrpo.monitoring.completions_table import print_completions
+
+                print_completions(
+                    step,
+                    data.texts["prompts"],
+                    data.texts["completions"],
+                    data.rewards_n.tolist(),
+                    data.advantages_n.tolist(),
+                    t.num_completions_to_print,
+                )
     if _due(step, t.save_strategy, t.save_steps, run):
         save_checkpoint(
             t.output_dir,

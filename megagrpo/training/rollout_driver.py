@@ -43,7 +43,7 @@ class RolloutDriver:
         t, script = run.recipe.training, run.recipe.script
         completions = t.per_device_train_batch_size * t.gradient_accumulation_steps
         engine = build_rollout_engine(
-            t, run.model_dir, run.arch, share,
+            run.recipe, run.model_dir, run.arch, share,
             completions_per_step=completions * run.groups.dp_size,
             on_gpu=run.device.type == "cuda",
         )  # fmt: skip

@@ -38,11 +38,14 @@ def engine_share(training, groups) -> EngineShare | None:
     return EngineShare() if groups.rank == 0 else None
 
 
-def _dtype(training, on_gpu: bool) -> str:
-    """The sampler computes in the trainer's parameter dtype (fp32 on CPU)."""
+def _dtype(recipe, on_gpu: bool) -> str:
+    """The recipe's ``torch_dtype``, else the trainer's parameter dtype (fp32 on CPU)."""
+    t = recipe.training
+    if recipe.model.torch_dtype != "auto":
+        return recipe.model.torch_dtype
     if not on_gpu:
         return "float32"
-    return "float16" if training.fp16 else "bfloat16" if training.bf16 else "float32"
+    return "float16" if t.fp16 else "bfloat16" if t.bf16 else "float32"
 
 
 def _max_model_len(training) -> int | None:
@@ -62,12 +65,12 @@ def _kv_bytes_for(arch, dtype: str, tokens: int) -> int:
 
 
 def vllm_config(
-    training, model_dir: str, arch, *, share: EngineShare, completions_per_step: int, on_gpu: bool
+    recipe, model_dir: str, arch, *, share: EngineShare, completions_per_step: int, on_gpu: bool
 ) -> VLLMConfig:
     """The ``VLLMConfig`` of this rank's colocated engine."""
-    t = training
+    t = recipe.training
     max_num_seqs = max(1, math.ceil(completions_per_step / share.count))
-    dtype = _dtype(t, on_gpu)
+    dtype = _dtype(recipe, on_gpu)
     max_len = _max_model_len(t)
     kv_bytes = t.vllm_kv_cache_memory_bytes
     if kv_bytes is None and not on_gpu:
@@ -86,20 +89,21 @@ def vllm_config(
         enable_sleep_mode=t.vllm_enable_sleep_mode,
         enforce_eager=not on_gpu,
         enable_prefix_caching=t.vllm_enable_prefix_caching,
+        trust_remote_code=recipe.model.trust_remote_code,
     )
 
 
 def build_rollout_engine(
-    training, model_dir: str, arch, share: EngineShare, *, completions_per_step: int, on_gpu: bool
+    recipe, model_dir: str, arch, share: EngineShare, *, completions_per_step: int, on_gpu: bool
 ):
     """This rank's engine (see the module table); ``share`` from ``engine_share``."""
-    t = training
+    t = recipe.training
     sync = WeightSyncConfig(bucket_bytes=t.weight_sync_bucket_mb * 2**20, host=t.weight_sync_host)
     if is_colocated_vllm(t):
         from megagrpo.rollout.vllm_engine import VLLMEngine
 
         config = vllm_config(
-            t, model_dir, arch, share=share, completions_per_step=completions_per_step,
+            recipe, model_dir, arch, share=share, completions_per_step=completions_per_step,
             on_gpu=on_gpu,
         )  # fmt: skip
         return VLLMEngine.from_config(config)
@@ -120,9 +124,10 @@ def build_rollout_engine(
         return TransformersEngine.from_pretrained(
             TransformersEngineConfig(
                 model=model_dir,
-                dtype=_dtype(t, on_gpu),
+                dtype=_dtype(recipe, on_gpu),
                 device="cuda" if on_gpu else "cpu",
                 max_batch_size=t.rollout_max_batch_size,
+                trust_remote_code=recipe.model.trust_remote_code,
             )
         )
     return RolloutPool(
@@ -130,7 +135,7 @@ def build_rollout_engine(
             model=model_dir,
             num_engines=t.rollout_num_engines,
             threads_per_engine=t.rollout_threads_per_engine,
-            dtype=_dtype(t, on_gpu),
+            dtype=_dtype(recipe, on_gpu),
             max_batch_size=t.rollout_max_batch_size,
             weight_sync=sync,
         )

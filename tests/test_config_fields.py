@@ -1,0 +1,96 @@
+"""Every documented recipe field is read somewhere outside ``megagrpo/config`` (or is listed in
+``UNREAD_FIELDS`` with the reason, and a recipe that sets it gets a warning): a field that
+nothing reads would be a setting that silently does nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+
+from megagrpo.config import (
+    GRPOConfig,
+    GRPOScriptArguments,
+    MegatronConfig,
+    ModelConfig,
+    UnusedKeysWarning,
+    load_recipe,
+)
+from megagrpo.config.known_keys import UNREAD_FIELDS
+from megagrpo.demo.grpo_demo import DEMO_RECIPE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _code_outside_config() -> str:
+    texts = []
+    for top in ("megagrpo", "kernels"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            if os.path.join("megagrpo", "config") in dirpath:
+                continue
+            for f in files:
+                if f.endswith(".py"):
+                    with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
+                        texts.append(fh.read())
+    return "\n".join(texts)
+
+
+def _fields():
+    for cls in (GRPOConfig, GRPOScriptArguments, ModelConfig, MegatronConfig):
+        for f in dataclasses.fields(cls):
+            yield cls.__name__, f.name
+
+
+def test_every_field_is_read_or_listed_with_a_reason():
+    code = _code_outside_config()
+    unread = [
+        f"{cls}.{name}" for cls, name in _fields()
+        if not re.search(rf"\.{name}\b|[\"']{name}[\"']", code) and name not in UNREAD_FIELDS
+    ]  # fmt: skip
+    assert unread == [], (
+        f"fields nothing reads (wire them, or list them in UNREAD_FIELDS): {unread}"
+    )
+    stale = [n for n in UNREAD_FIELDS if re.search(rf"\.{n}\b", code)]
+    assert stale == [], f"listed as unread but read: {stale}"
+    names = {name for _, name in _fields()}
+    assert set(UNREAD_FIELDS) <= names and all(len(r) > 20 for r in UNREAD_FIELDS.values())
+
+
+def test_setting_an_unread_field_warns_with_the_reason():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_recipe(DEMO_RECIPE, ["--attn_implementation", "sdpa"])
+    messages = [str(w.message) for w in caught if issubclass(w.category, UnusedKeysWarning)]
+    assert len(messages) == 1 and "attn_implementation (megatron-core" in messages[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_recipe(DEMO_RECIPE, [])
+    assert not [w for w in caught if issubclass(w.category, UnusedKeysWarning)]
+
+
+def test_log_level_sets_the_library_loggers():
+    import logging
+
+    from megagrpo.monitoring.log_levels import LIBRARY_LOGGERS, apply_log_level
+
+    before = {n: logging.getLogger(n).level for n in LIBRARY_LOGGERS}
+    try:
+        apply_log_level("passive")
+        assert {n: logging.getLogger(n).level for n in LIBRARY_LOGGERS} == before
+        apply_log_level("error")
+        assert all(logging.getLogger(n).level == logging.ERROR for n in LIBRARY_LOGGERS)
+        assert logging.getLogger("vllm.engine.core").getEffectiveLevel() == logging.ERROR
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def test_completions_print_as_a_table(capsys):
+    from megagrpo.monitoring.completions_table import print_completions
+
+    print_completions(7, ["p0", "p1", "p2"], ["c0", "c1", "c2"], [1.0, 0.5, 0.0], [1, 0, -1], 2)
+    out = capsys.readouterr().out
+    assert "step 7: 2 of 3 completions" in out and "c1" in out and "c2" not in out
+    print_completions(7, ["p0"], ["c0"], [1.0], [0.0], 0)
+    assert capsys.readouterr().out == ""
