@@ -94,3 +94,16 @@ def test_completions_print_as_a_table(capsys):
     assert "step 7: 2 of 3 completions" in out and "c1" in out and "c2" not in out
     print_completions(7, ["p0"], ["c0"], [1.0], [0.0], 0)
     assert capsys.readouterr().out == ""
+
+
+def test_choice_lists_are_defined_once_and_implemented():
+    import typing
+
+    from megagrpo.algorithms.loss_aggregation import LOSS_TYPES
+    from megagrpo.config.training import LOSS_TYPE_NAMES, LR_SCHEDULERS, SCALE_REWARDS
+
+    hints = typing.get_type_hints(GRPOConfig)
+    assert typing.get_args(hints["loss_type"]) == LOSS_TYPE_NAMES
+    assert typing.get_args(hints["scale_rewards"]) == SCALE_REWARDS
+    assert typing.get_args(hints["lr_scheduler_type"]) == LR_SCHEDULERS
+    assert tuple(LOSS_TYPES) == LOSS_TYPE_NAMES  # every choice has its implementation

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-SCALE_CHOICES = ("group", "batch", "none")
+from megagrpo.config.training import SCALE_REWARDS as SCALE_CHOICES
 
 
 def weighted_rewards(rewards_nk: torch.Tensor, weights_k: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,11 @@ from megagrpo.config.script_args import R1_SYSTEM_PROMPT
 #: YAML 1.1 reads an unquoted ``no`` as False; accept it for the *_strategy fields.
 _NO = {False: "no"}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
+"""``lr_scheduler_type``'s choices (``training/lr_schedule.py`` implements them)."""
+LOSS_TYPE_NAMES = ("grpo", "bnpo", "dr_grpo", "dapo")
+"""``loss_type``'s choices (``algorithms/loss_aggregation.py`` implements them)."""
+SCALE_REWARDS = ("group", "batch", "none")
+"""``scale_rewards``' choices (``algorithms/advantages.py`` implements them)."""
 REPORT_TO = ("wandb",)
 
 
@@ -65,9 +70,9 @@ class GRPOConfig:
     learning_rate: float = option(
         1e-6, help="Peak learning rate of AdamW (TRL's default; transformers' is 5e-5)."
     )
-    lr_scheduler_type: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"
-    ] = option("linear", help="Learning-rate schedule after warm-up.")
+    lr_scheduler_type: Literal[LR_SCHEDULERS] = option(
+        "linear", help="Learning-rate schedule after warm-up."
+    )
     lr_scheduler_kwargs: dict[str, Any] | None = option(
         None,
         help="Schedule parameters: cosine_with_min_lr needs exactly one of min_lr (absolute) or "
@@ -171,7 +176,7 @@ class GRPOConfig:
         help="Two-sided clipping (INTELLECT-2): ratios of negative-advantage tokens are capped at "
         "delta (> 1, best > 1 + epsilon); None disables.",
     )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = option(
+    loss_type: Literal[LOSS_TYPE_NAMES] = option(
         "dapo",
         help="Token-loss aggregation: grpo (mean per sequence, then over sequences), bnpo (mean "
         "over the local batch's tokens), dr_grpo (sum / (batch x max_completion_length)), dapo "
@@ -182,7 +187,7 @@ class GRPOConfig:
         help="Policy ratio per token, or one length-normalised ratio per sequence ('sequence' = "
         "GSPO).",
     )
-    scale_rewards: Literal["group", "batch", "none"] = option(
+    scale_rewards: Literal[SCALE_REWARDS] = option(
         "group",
         help="Divide advantages by the reward std of the group, of the whole batch, or not at all "
         "(Dr. GRPO). TRL's old booleans are accepted: true = group, false = none.",

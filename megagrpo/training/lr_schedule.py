@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
+from megagrpo.config.training import LR_SCHEDULERS as SCHEDULES
 
 
 @dataclass(frozen=True)
