@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megagrpo.algorithms.loss_aggregation import BatchContext
 from megagrpo.monitoring.progress import StepProgress
 from megagrpo.rollout.weight_sync import sync_weights_from_megatron
-from megagrpo.training.batch import make_micro_batches
+from megagrpo.training.batch import make_micro_batches, sequence_length_multiple
 from megagrpo.training.checkpoint import TrainerState, save_checkpoint
 from megagrpo.training.logprob_pass import fill_logprobs
 from megagrpo.training.optimizer import set_learning_rate
@@ -53,9 +53,11 @@ def train(run) -> list[dict]:
                     run.micro_batch_size,
                     pad_token_id=run.tokenizer.pad_token_id or 0,
                     mask_truncated_completions=t.mask_truncated_completions,
-                    length_multiple=run.groups.tp_size
-                    if run.recipe.megatron.sequence_parallel
-                    else 1,
+                    length_multiple=sequence_length_multiple(
+                        fp8=run.recipe.megatron.fp8 is not None,
+                        sequence_parallel=run.recipe.megatron.sequence_parallel,
+                        tp_size=run.groups.tp_size,
+                    ),
                 )
             ]
             ctx = batch_context(run, mbs)
