@@ -32,3 +32,125 @@ def test_local_spec_config_never_fuses_gradient_accumulation(monkeypatch):
     arch = arch_from_hf_config(dict(TINY_CONFIGS["qwen2"], vocab_size=100))
     config = builder.build_transformer_config(arch, MegatronConfig(), use_te=False)
     assert config.gradient_accumulation_fusion is False
+
+
+def test_megatron_ddp_param_sync_takes_force_sync():
+    import inspect
+
+    from megatron.core.distributed import DistributedDataParallel
+
+    assert "force_sync" in inspect.signature(DistributedDataParallel.start_param_sync).parameters
+
+
+class _SpyChunk:
+    """Stands in for a megatron DDP chunk: records the forced param all-gathers."""
+
+    def __init__(self, events, overlap):
+        self.events = events
+        self.ddp_config = types.SimpleNamespace(
+            use_distributed_optimizer=overlap, overlap_param_gather=overlap
+        )
+
+    def start_param_sync(self, *unused, force_sync=False):
+        self.events.append(f"param_sync(force_sync={force_sync})")
+
+    def zero_grad_buffer(self):
+        pass
+
+    def parameters(self):
+        return iter(())
+
+
+class _SpyOptimizer:
+    def __init__(self, events):
+        self.events = events
+        self.param_groups = [{}]
+
+    def zero_grad(self):
+        pass
+
+    def step(self):
+        self.events.append("optimizer.step")
+        return True, 1.0, None
+
+
+def _spied_run(tmp_path, monkeypatch, events, *, overlap, total_steps=2, num_iterations=1):
+    """A run whose model, data and I/O are spies, driven by the real ``loop.train``."""
+    import megagrpo.conversion.hf_weights as hf_weights
+    import megagrpo.training.evaluation as evaluation
+    from megagrpo.config.recipe import Recipe
+    from megagrpo.training import loop
+
+    recipe = Recipe()
+    t = recipe.training
+    t.output_dir = str(tmp_path)
+    t.num_iterations = num_iterations
+    t.eval_strategy, t.eval_steps = "steps", 1
+    t.save_strategy, t.save_steps = "steps", 1
+    mb = types.SimpleNamespace(num_tokens=3)
+    mb.to = lambda device: mb
+    record = lambda name, result=None: lambda *a, **k: events.append(name) or result
+    monkeypatch.setattr(loop, "broadcast_step", lambda *a: types.SimpleNamespace(metrics={}))
+    monkeypatch.setattr(loop, "local_batch", lambda *a: None)
+    monkeypatch.setattr(loop, "make_micro_batches", lambda *a, **k: [mb])
+    monkeypatch.setattr(loop, "grpo_update", record("forward_backward", []))
+    monkeypatch.setattr(loop, "reduce_metrics", lambda *a: {"loss": 0.0})
+    monkeypatch.setattr(loop, "sync_weights_from_megatron", record("push"))
+    monkeypatch.setattr(loop, "save_checkpoint", record("save"))
+    monkeypatch.setattr(evaluation, "evaluate", record("eval", {}))
+    monkeypatch.setattr(hf_weights, "save_megatron_shards", record("export"))
+    groups = types.SimpleNamespace(
+        rank=1, world_size=1, dp_size=1, tp_size=1, pp_size=1, vpp_size=1, cp_size=1
+    )
+    return types.SimpleNamespace(
+        recipe=recipe,
+        start_step=0,
+        total_steps=total_steps,
+        steps_per_epoch=total_steps,
+        rollout=None,
+        groups=groups,
+        micro_batch_size=1,
+        tokenizer=types.SimpleNamespace(pad_token_id=0),
+        device="cpu",
+        needs_old_logprobs=False,
+        reference=None,
+        policy=[_SpyChunk(events, overlap), _SpyChunk(events, overlap)],
+        modules=[],
+        optimizer=_SpyOptimizer(events),
+        loss=None,
+        loss_type=None,
+        schedule=types.SimpleNamespace(lr=lambda i: 1e-3),
+        logger=types.SimpleNamespace(log=lambda *a: None, close=lambda: None),
+        arch=None,
+        model_dir=str(tmp_path),
+    )
+
+
+def test_param_gather_forced_before_push_save_eval_and_export(tmp_path, monkeypatch):
+    from megagrpo.training import loop
+
+    events: list[str] = []
+    loop.train(_spied_run(tmp_path, monkeypatch, events, overlap=True, num_iterations=2))
+    sync = "param_sync(force_sync=True)"
+    step = ["forward_backward", "optimizer.step", sync, sync]  # both chunks, after each step
+    assert events == (
+        ["eval"]  # step 0: the starting weights, before any optimizer step
+        + (step * 2 + ["push", "eval", "save"]) * 2
+        + ["export"]
+    )
+
+
+def test_param_gather_not_forced_without_overlap(tmp_path, monkeypatch):
+    from megagrpo.training import loop
+
+    events: list[str] = []
+    loop.train(_spied_run(tmp_path, monkeypatch, events, overlap=False, total_steps=1))
+    assert events == [
+        "eval",
+        "forward_backward",
+        "optimizer.step",
+        "push",
+        "eval",
+        "save",
+        "export",
+    ]

@@ -19,7 +19,7 @@ from megagrpo.rollout.weight_sync import sync_weights_from_megatron
 from megagrpo.training.batch import make_micro_batches, sequence_length_multiple
 from megagrpo.training.checkpoint import TrainerState, save_checkpoint
 from megagrpo.training.logprob_pass import fill_logprobs
-from megagrpo.training.optimizer import set_learning_rate
+from megagrpo.training.optimizer import finish_param_gather, set_learning_rate
 from megagrpo.training.policy_update import grpo_update, reduce_metrics
 from megagrpo.training.rollout_step import broadcast_step, local_batch
 
@@ -115,6 +115,7 @@ def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, 
     if gradients_are_finite(run):
         set_learning_rate(run.optimizer, lr, run.recipe.training.weight_decay)
         ok, grad_norm, _ = run.optimizer.step()
+        finish_param_gather(run.policy)  # weight push, save, eval and export read them next
     else:  # a NaN / Inf loss or gradient anywhere: no rank applies this update
         ok, grad_norm = False, float("nan")
         if run.groups.rank == 0:

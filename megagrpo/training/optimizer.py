@@ -50,6 +50,26 @@ def wrap_ddp(chunks, megatron: MegatronConfig) -> list:
     return wrapped
 
 
+def finish_param_gather(ddp_chunks) -> None:
+    """Make every parameter hold the weights of the last optimizer step, on every rank.
+
+    With the distributed optimizer and ``overlap_param_gather``, megatron's optimizer step only
+    updates each rank's shard; the all-gather of the new weights is deferred to forward pre-hooks
+    of the next forward pass. Anything that reads parameters outside a forward pass (the weight
+    push to the rollout engines, checkpoints, the final export) would read the other ranks'
+    shards from before the step. megatron's own trainer forces the gather before saving and
+    evaluating; megagrpo pushes weights after every step, so it forces it right after every
+    optimizer step (the overlap then only helps the forwards of ``num_iterations`` > 1). A no-op
+    without overlapped param gathering, where the optimizer step gathers synchronously.
+    """
+    for chunk in ddp_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is None:
+            continue
+        if ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 @dataclass(frozen=True)
 class OptimizerSettings:
     """AdamW and clipping settings (GRPOConfig's names)."""
