@@ -154,3 +154,52 @@ def test_param_gather_not_forced_without_overlap(tmp_path, monkeypatch):
         "save",
         "export",
     ]
+
+
+@pytest.mark.parametrize(
+    "fp8, fp8_recipe, expected",
+    [(None, None, None), ("e4m3", None, "delayed"), ("hybrid", "tensorwise", "tensorwise")],
+)
+def test_fp8_settings_reach_megatrons_ddp_and_optimizer_configs(fp8, fp8_recipe, expected):
+    import torch
+
+    from megagrpo.config.megatron import MegatronConfig
+    from megagrpo.training.optimizer import OptimizerSettings, ddp_config, optimizer_config
+
+    mc = MegatronConfig(
+        fp8=fp8,
+        fp8_recipe=fp8_recipe,
+        fp8_param_gather=fp8 is not None,
+        use_distributed_optimizer=True,
+    )
+    ddp = ddp_config(mc, on_gpu=True)
+    assert ddp.fp8_param_gather is (fp8 is not None) and ddp.use_distributed_optimizer
+    opt = optimizer_config(
+        OptimizerSettings(learning_rate=1e-6), mc, params_dtype=torch.bfloat16, on_gpu=True
+    )
+    assert opt.fp8_recipe == expected and opt.use_distributed_optimizer and opt.bf16
+    assert mc.fp8_scaling_recipe == expected
+    # CPU: no distributed optimizer (it needs CUDA tensors)
+    assert not ddp_config(mc, on_gpu=False).use_distributed_optimizer
+
+
+class _FakeFloat8Tensor:
+    """What matters of TE's Float8Tensor here: its module and ``dequantize``."""
+
+    __module__ = "transformer_engine.pytorch.tensor.float8_tensor"
+
+    def __init__(self, value):
+        self.value = value
+
+    def dequantize(self):
+        return self.value
+
+
+def test_fp8_parameters_are_dequantized_before_save_and_gather():
+    import torch
+
+    from megagrpo.conversion.hf_weights import dequantized
+
+    plain = torch.randn(3, 4, dtype=torch.bfloat16)
+    assert dequantized(plain) is plain
+    assert dequantized(_FakeFloat8Tensor(plain)) is plain

@@ -326,6 +326,12 @@ def _check_fp8(recipe: Recipe, errors: list[str]) -> None:
         errors.append(f"fp8_recipe={mc.fp8_recipe!r} is set but fp8=None: set fp8 (e4m3 / hybrid)")
     if mc.fp8_param_gather and mc.fp8 is None:
         errors.append("fp8_param_gather=True needs fp8 (e4m3 / hybrid)")
+    if mc.fp8_param_gather and not mc.use_distributed_optimizer:
+        errors.append(
+            "fp8_param_gather=True needs use_distributed_optimizer=True (megatron all-gathers "
+            "FP8 parameters only from its distributed optimizer), got use_distributed_optimizer="
+            f"{mc.use_distributed_optimizer}"
+        )
     _at_least(errors, "fp8_amax_history_len", mc.fp8_amax_history_len, 1)
     _at_least(errors, "fp8_margin", mc.fp8_margin, 0)
     needs_te = {

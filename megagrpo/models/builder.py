@@ -141,7 +141,7 @@ def build_transformer_config(
     if fp8:
         kwargs.update(
             fp8=fp8,
-            fp8_recipe=par.fp8_recipe or "delayed",
+            fp8_recipe=par.fp8_scaling_recipe,
             fp8_margin=par.fp8_margin,
             fp8_amax_history_len=par.fp8_amax_history_len,
             fp8_amax_compute_algo=par.fp8_amax_compute_algo,
