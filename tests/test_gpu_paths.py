@@ -7,6 +7,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from megagrpo.models import builder
 
@@ -161,8 +162,6 @@ def test_param_gather_not_forced_without_overlap(tmp_path, monkeypatch):
     [(None, None, None), ("e4m3", None, "delayed"), ("hybrid", "tensorwise", "tensorwise")],
 )
 def test_fp8_settings_reach_megatrons_ddp_and_optimizer_configs(fp8, fp8_recipe, expected):
-    import torch
-
     from megagrpo.config.megatron import MegatronConfig
     from megagrpo.training.optimizer import OptimizerSettings, ddp_config, optimizer_config
 
@@ -196,10 +195,76 @@ class _FakeFloat8Tensor:
 
 
 def test_fp8_parameters_are_dequantized_before_save_and_gather():
-    import torch
-
     from megagrpo.conversion.hf_weights import dequantized
 
     plain = torch.randn(3, 4, dtype=torch.bfloat16)
     assert dequantized(plain) is plain
     assert dequantized(_FakeFloat8Tensor(plain)) is plain
+
+
+class _CountHostSyncs(torch.overrides.TorchFunctionMode):
+    """Records the tensor methods that copy a device value to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist):
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_sync_counter_sees_the_old_per_parameter_check():
+    with _CountHostSyncs() as syncs:
+        assert _old_gradients_are_finite(_chunks_with_main_grads())
+    assert syncs.calls == ["__bool__"] * 5  # five parameters with a main_grad
+
+
+def _old_gradients_are_finite(chunks) -> bool:
+    """The check as it was: one device-to-host sync per parameter."""
+    for m in chunks:
+        for p in m.parameters():
+            grad = getattr(p, "main_grad", None)
+            if grad is not None and not torch.isfinite(grad).all():
+                return False
+    return True
+
+
+def _chunks_with_main_grads(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    chunks = [
+        torch.nn.Linear(4, 3),
+        torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5)),
+    ]
+    for m in chunks:
+        for p in m.parameters():
+            p.main_grad = torch.randn(p.shape, generator=gen)
+    frozen = chunks[1][1].bias  # a parameter without main_grad (frozen / not in a DDP buffer)
+    del frozen.main_grad
+    return chunks
+
+
+@pytest.mark.parametrize("bad_value", [None, float("nan"), float("inf"), float("-inf")])
+def test_gradients_are_finite_is_one_fused_check(bad_value):
+    from megagrpo.training.loop import gradients_are_finite
+
+    params = [
+        p for m in _chunks_with_main_grads() for p in m.parameters() if hasattr(p, "main_grad")
+    ]
+    targets = [None] if bad_value is None else range(len(params))
+    for target in targets:
+        chunks = _chunks_with_main_grads()
+        with_grad = [p for m in chunks for p in m.parameters() if hasattr(p, "main_grad")]
+        if target is not None:
+            with_grad[target].main_grad.view(-1)[-1] = bad_value
+        before = [p.main_grad.clone() for p in with_grad]
+        run = types.SimpleNamespace(
+            policy=chunks, device="cpu", groups=types.SimpleNamespace(world_size=1)
+        )
+        with _CountHostSyncs() as syncs:
+            finite = gradients_are_finite(run)
+        assert finite is (target is None) is _old_gradients_are_finite(chunks)
+        assert syncs.calls == ["item"]  # one device-to-host copy, not one per parameter
+        for p, b in zip(with_grad, before):  # the check leaves the gradients as they were
+            torch.testing.assert_close(p.main_grad, b, equal_nan=True, rtol=0, atol=0)
