@@ -40,7 +40,9 @@ class MegatronConfig:
         "layers divisible by PP x this.",
     )
     context_parallel_size: int = option(
-        1, help="Context-parallel size (CP): splits sequences; needs Transformer Engine."
+        1,
+        help="Context-parallel size (CP); only 1 for now: splitting the sequences over CP ranks "
+        "is not implemented yet, and a recipe with CP > 1 is refused.",
     )
     sequence_parallel: bool = option(
         False,

@@ -276,6 +276,12 @@ def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
     if mc.world_size is not None:
         _at_least(errors, "world_size", mc.world_size, 1)
     check_sequence_parallel(mc.sequence_parallel, mc.tensor_model_parallel_size, errors)
+    if mc.context_parallel_size > 1:
+        errors.append(
+            f"context_parallel_size={mc.context_parallel_size}: context parallelism is not "
+            "implemented yet in megagrpo (nothing splits the sequences over the CP ranks, so "
+            "the log-probs would be wrong); set context_parallel_size: 1"
+        )
     vpp = mc.virtual_pipeline_model_parallel_size
     if vpp is not None:
         _at_least(errors, "virtual_pipeline_model_parallel_size", vpp, 1)
@@ -337,13 +343,8 @@ def _check_fp8(recipe: Recipe, errors: list[str]) -> None:
     needs_te = {
         "fp8": mc.fp8 is not None,
         "transformer_impl": mc.transformer_impl == "transformer_engine",
-        "context_parallel_size": mc.context_parallel_size > 1,
     }
-    values = {
-        "fp8": repr(mc.fp8),
-        "transformer_impl": repr(mc.transformer_impl),
-        "context_parallel_size": mc.context_parallel_size,
-    }
+    values = {"fp8": repr(mc.fp8), "transformer_impl": repr(mc.transformer_impl)}
     asked = [name for name, needed in needs_te.items() if needed]
     if asked and not transformer_engine_available():
         for name in asked:
