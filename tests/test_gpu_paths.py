@@ -268,3 +268,20 @@ def test_gradients_are_finite_is_one_fused_check(bad_value):
         assert syncs.calls == ["item"]  # one device-to-host copy, not one per parameter
         for p, b in zip(with_grad, before):  # the check leaves the gradients as they were
             torch.testing.assert_close(p.main_grad, b, equal_nan=True, rtol=0, atol=0)
+
+
+def test_gpu_check_plan_lists_the_checks_on_any_machine():
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        ["bash", os.path.join(root, "tools", "gpu_check.sh"), "--plan"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for check in ("Triton kernels vs fp64", "bf16 logits vs transformers", "GRPO demo steps"):
+        assert check in done.stdout
+    assert "peak memory of one update" in done.stdout
