@@ -40,7 +40,9 @@ class MegatronConfig:
         "layers divisible by PP x this.",
     )
     context_parallel_size: int = option(
-        1, help="Context-parallel size (CP): splits sequences; needs Transformer Engine."
+        1,
+        help="Context-parallel size (CP); only 1 for now: splitting the sequences over CP ranks "
+        "is not implemented yet, and a recipe with CP > 1 is refused.",
     )
     sequence_parallel: bool = option(
         False,
@@ -85,7 +87,9 @@ class MegatronConfig:
         "most_recent", help="How the delayed recipe turns the amax history into a scale."
     )
     fp8_param_gather: bool = option(
-        False, help="Keep parameters in FP8 and all-gather them in FP8; needs fp8."
+        False,
+        help="Keep parameters in FP8 and all-gather them in FP8; needs fp8 and "
+        "use_distributed_optimizer.",
     )
 
     # ---- activation recompute ----
@@ -119,6 +123,14 @@ class MegatronConfig:
     distributed_timeout_minutes: int = option(
         10, help="Timeout of torch.distributed collectives, in minutes."
     )
+
+    @property
+    def fp8_scaling_recipe(self) -> str | None:
+        """The FP8 recipe megatron runs: ``fp8_recipe``, or megatron's default (delayed) when
+        fp8 is set; None without fp8."""
+        if self.fp8 is None:
+            return None
+        return self.fp8_recipe or "delayed"
 
     def recompute(self, gradient_checkpointing: bool) -> RecomputeSettings:
         """The recompute megatron runs: the explicit recompute_* keys if any is set, else TRL's

@@ -276,6 +276,12 @@ def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
     if mc.world_size is not None:
         _at_least(errors, "world_size", mc.world_size, 1)
     check_sequence_parallel(mc.sequence_parallel, mc.tensor_model_parallel_size, errors)
+    if mc.context_parallel_size > 1:
+        errors.append(
+            f"context_parallel_size={mc.context_parallel_size}: context parallelism is not "
+            "implemented yet in megagrpo (nothing splits the sequences over the CP ranks, so "
+            "the log-probs would be wrong); set context_parallel_size: 1"
+        )
     vpp = mc.virtual_pipeline_model_parallel_size
     if vpp is not None:
         _at_least(errors, "virtual_pipeline_model_parallel_size", vpp, 1)
@@ -326,18 +332,19 @@ def _check_fp8(recipe: Recipe, errors: list[str]) -> None:
         errors.append(f"fp8_recipe={mc.fp8_recipe!r} is set but fp8=None: set fp8 (e4m3 / hybrid)")
     if mc.fp8_param_gather and mc.fp8 is None:
         errors.append("fp8_param_gather=True needs fp8 (e4m3 / hybrid)")
+    if mc.fp8_param_gather and not mc.use_distributed_optimizer:
+        errors.append(
+            "fp8_param_gather=True needs use_distributed_optimizer=True (megatron all-gathers "
+            "FP8 parameters only from its distributed optimizer), got use_distributed_optimizer="
+            f"{mc.use_distributed_optimizer}"
+        )
     _at_least(errors, "fp8_amax_history_len", mc.fp8_amax_history_len, 1)
     _at_least(errors, "fp8_margin", mc.fp8_margin, 0)
     needs_te = {
         "fp8": mc.fp8 is not None,
         "transformer_impl": mc.transformer_impl == "transformer_engine",
-        "context_parallel_size": mc.context_parallel_size > 1,
     }
-    values = {
-        "fp8": repr(mc.fp8),
-        "transformer_impl": repr(mc.transformer_impl),
-        "context_parallel_size": mc.context_parallel_size,
-    }
+    values = {"fp8": repr(mc.fp8), "transformer_impl": repr(mc.transformer_impl)}
     asked = [name for name, needed in needs_te.items() if needed]
     if asked and not transformer_engine_available():
         for name in asked:

@@ -27,6 +27,15 @@ from megagrpo.models.mapping import ChunkPlan, chunk_plans, hf_shapes
 from megagrpo.models.tp_codecs import Replicated, TensorSource
 
 
+def dequantized(t: torch.Tensor) -> torch.Tensor:
+    """A Transformer Engine FP8 parameter (``fp8_param_gather``: a ``QuantizedTensor`` such as
+    ``Float8Tensor``) as a plain tensor of its nominal dtype; any other tensor as it is. Saving,
+    all-gathering and casting then work on ordinary tensors."""
+    if type(t).__module__.startswith("transformer_engine"):
+        return t.dequantize()
+    return t
+
+
 def uses_te_names(chunk: torch.nn.Module) -> bool:
     """Whether the chunk was built with Transformer Engine's spec (norms fused into linears)."""
     return any(n.endswith("layer_norm_weight") for n, _ in chunk.named_parameters())
@@ -115,7 +124,7 @@ def save_megatron_shards(chunks, directory: str, arch: ModelArch, groups) -> Non
             params = dict(chunk.named_parameters())
             prefix = chunk_prefix(plan.vp_stage, groups.vpp_size)
             for name, _, m in plan.items(te=uses_te_names(chunk)):
-                p = params[name].detach()
+                p = dequantized(params[name].detach())
                 stored = prefix + m.megatron_name(_layer_of(name), te=False)
                 entries.append((stored, p.dtype, tuple(p.shape)))
                 tensors.append((stored, p))
@@ -172,7 +181,7 @@ def iter_hf_tensors(
             if not m.exported:
                 continue
             if local:
-                full = m.codec.merge(_gather_tp(params[name].detach(), m, groups))
+                full = m.codec.merge(_gather_tp(dequantized(params[name].detach()), m, groups))
             else:
                 full = [torch.empty(shapes[n], dtype=model_dtype, device=device) for n in hf]
             if gather_pp and groups.pp_size > 1:

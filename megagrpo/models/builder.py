@@ -32,6 +32,26 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def apex_grad_accum_fusion_available() -> bool:
+    """apex's ``fused_weight_gradient_mlp_cuda`` extension imports (megatron-core's own test)."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_gradient_accumulation_fusion(use_te: bool) -> bool:
+    """Whether to fuse the weight-gradient GEMM with the fp32 ``main_grad`` accumulation.
+
+    megatron-core 0.16.1 raises in ``ColumnParallelLinear.__init__`` (GPTModel's output layer is
+    always one) when the flag is on and apex's CUDA extension is missing; the ``gpu`` extra does
+    not install apex (it is not on the package registry). So: on with TE layers and apex, off
+    otherwise; off costs a separate ``main_grad.add_`` per weight, not correctness.
+    """
+    return use_te and apex_grad_accum_fusion_available()
+
+
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
     """The vocabulary size megatron is built with: a multiple of ``divisible_by * tp_size``."""
     multiple = max(1, divisible_by) * tp_size
@@ -105,12 +125,12 @@ def build_transformer_config(
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         context_parallel_size=par.context_parallel_size,
         sequence_parallel=par.sequence_parallel,
-        # Fusions: jit-scripted ones on GPU; the ones that need TE's or apex's CUDA code with TE.
+        # Fusions: jit-scripted ones on GPU; TE's with TE; apex's only where apex imports.
         bias_activation_fusion=False,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=use_te,
         apply_rope_fusion=use_te,
-        gradient_accumulation_fusion=use_te,
+        gradient_accumulation_fusion=use_gradient_accumulation_fusion(use_te),
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
         recompute_granularity=recompute,
@@ -121,7 +141,7 @@ def build_transformer_config(
     if fp8:
         kwargs.update(
             fp8=fp8,
-            fp8_recipe=par.fp8_recipe or "delayed",
+            fp8_recipe=par.fp8_scaling_recipe,
             fp8_margin=par.fp8_margin,
             fp8_amax_history_len=par.fp8_amax_history_len,
             fp8_amax_compute_algo=par.fp8_amax_compute_algo,

@@ -74,6 +74,19 @@ class MicroBatch:
         return replace(self, **moved)
 
 
+FP8_LENGTH_MULTIPLE = 16
+"""Transformer Engine's FP8 GEMMs assert the product of an input's leading dimensions (b x L, or
+b x L / TP under sequence parallelism) is divisible by 8 (``assert_dim_for_fp8_exec``); 16 also
+covers the MXFP8 / blockwise recipes' stricter alignment."""
+
+
+def sequence_length_multiple(*, fp8: bool, sequence_parallel: bool, tp_size: int) -> int:
+    """What every micro-batch's padded length L must be a multiple of: 16 with FP8, times TP under
+    sequence parallelism (each TP rank holds L / TP positions of the activations)."""
+    multiple = FP8_LENGTH_MULTIPLE if fp8 else 1
+    return multiple * tp_size if sequence_parallel else multiple
+
+
 def padded_length(batch: CompletionBatch, multiple: int = 1) -> int:
     longest = max(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
     return -(-longest // multiple) * multiple

@@ -16,10 +16,10 @@ import torch.distributed as dist
 from megagrpo.algorithms.loss_aggregation import BatchContext
 from megagrpo.monitoring.progress import StepProgress
 from megagrpo.rollout.weight_sync import sync_weights_from_megatron
-from megagrpo.training.batch import make_micro_batches
+from megagrpo.training.batch import make_micro_batches, sequence_length_multiple
 from megagrpo.training.checkpoint import TrainerState, save_checkpoint
 from megagrpo.training.logprob_pass import fill_logprobs
-from megagrpo.training.optimizer import set_learning_rate
+from megagrpo.training.optimizer import finish_param_gather, set_learning_rate
 from megagrpo.training.policy_update import grpo_update, reduce_metrics
 from megagrpo.training.rollout_step import broadcast_step, local_batch
 
@@ -53,9 +53,11 @@ def train(run) -> list[dict]:
                     run.micro_batch_size,
                     pad_token_id=run.tokenizer.pad_token_id or 0,
                     mask_truncated_completions=t.mask_truncated_completions,
-                    length_multiple=run.groups.tp_size
-                    if run.recipe.megatron.sequence_parallel
-                    else 1,
+                    length_multiple=sequence_length_multiple(
+                        fp8=run.recipe.megatron.fp8 is not None,
+                        sequence_parallel=run.recipe.megatron.sequence_parallel,
+                        tp_size=run.groups.tp_size,
+                    ),
                 )
             ]
             ctx = batch_context(run, mbs)
@@ -113,6 +115,7 @@ def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, 
     if gradients_are_finite(run):
         set_learning_rate(run.optimizer, lr, run.recipe.training.weight_decay)
         ok, grad_norm, _ = run.optimizer.step()
+        finish_param_gather(run.policy)  # weight push, save, eval and export read them next
     else:  # a NaN / Inf loss or gradient anywhere: no rank applies this update
         ok, grad_norm = False, float("nan")
         if run.groups.rank == 0:
@@ -124,14 +127,20 @@ def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, 
 
 
 def gradients_are_finite(run) -> bool:
-    """Whether every gradient on every rank is finite (one MAX all-reduce over the world)."""
+    """Whether every gradient on every rank is finite: one fused device-side check over all
+    ``main_grad`` buffers, one MAX all-reduce over the world, one device-to-host copy."""
+    grads = [
+        p.main_grad
+        for m in run.policy
+        for p in m.parameters()
+        if getattr(p, "main_grad", None) is not None
+    ]
     bad = torch.zeros(1, device=run.device)
-    for m in run.policy:
-        for p in m.parameters():
-            grad = getattr(p, "main_grad", None)
-            if grad is not None and not torch.isfinite(grad).all():
-                bad.fill_(1.0)
-                break
+    if grads:
+        # The multi-tensor kernel megatron's fp16 optimizer and torch's GradScaler use: sets
+        # ``bad`` to 1 if any element is NaN or +-Inf; multiplying by 1.0 leaves the grads as
+        # they are.
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, bad, torch.ones_like(bad))
     if run.groups.world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0
