@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -179,7 +180,6 @@ def server_pool_worker(hf_dir, log_dir):
     """A megatron trainer and a pool of two spawned vLLM rollout-servers: weights synced bit for
     bit, samples with the trainer's log-probs, a server killed with kill -9 in the middle of a
     batch restarted with the current weights, and the batch completed."""
-    import os
     import signal
     import threading
     import time
@@ -254,7 +254,26 @@ def server_pool_worker(hf_dir, log_dir):
             a in log for a in ("'max_model_len': 160", "'max_num_seqs': 16",
                                "'kv_cache_memory_bytes': 33554432", "'enforce_eager': True")
         ]  # fmt: skip
+        groups_of_servers = {old_pid, *pool.engine_pids()}
     finally:
         pool.close()
     out["servers_left"] = [p for p in pool.engine_pids() if p and os.path.exists(f"/proc/{p}")]
+    # nothing a server started (vLLM's engine core, its workers) outlives it, killed or not
+    out["group_members_left"] = [
+        pid for pid, pgid in _process_groups().items() if pgid in groups_of_servers
+    ]
+    return out
+
+
+def _process_groups() -> dict[int, int]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] != "Z":
+                    out[int(entry)] = int(fields[2])
+            except (OSError, IndexError, ValueError):
+                pass
     return out

@@ -35,3 +35,4 @@ def test_a_server_killed_mid_batch_is_restarted_and_the_batch_completes(result):
     assert result["versions_after"] == [1]
     assert result["digests_after_restart"] == [True, True]
     assert result["servers_left"] == []
+    assert result["group_members_left"] == []  # vLLM's engine-core / worker processes too

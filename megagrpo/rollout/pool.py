@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -125,11 +126,25 @@ class _Engine:
     busy: bool = False
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill an engine process and everything it started (vLLM's engine-core and worker
+    processes): each engine runs in a session of its own, so its process group holds exactly
+    those, and they outlive a server killed alone. Once per process: its group id is not
+    reused for another group while this leader is unreaped, and it is reaped here."""
+    if getattr(proc, "_megagrpo_group_killed", False):
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    proc._megagrpo_group_killed = True
+
+
 def _kill_all(procs: list) -> None:
     for p in procs:
-        if p is not None and p.poll() is None:
-            p.kill()
-            p.wait()
+        if p is not None:
+            _kill_group(p)
 
 
 class RolloutPool:
@@ -196,7 +211,9 @@ class RolloutPool:
         elif c.devices:
             cmd += ["--device", c.devices[e.index % len(c.devices)]]
         log = open(os.path.join(self.log_dir, f"engine{e.index}.log"), "ab")
-        e.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        e.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         self._procs.append(e.proc)
         e.address = None
@@ -288,9 +305,8 @@ class RolloutPool:
         self.restart_count += 1
         if e.sock is not None:
             e.sock.close()
-        if e.proc is not None and e.proc.poll() is None:
-            e.proc.kill()
-            e.proc.wait()
+        if e.proc is not None:
+            _kill_group(e.proc)  # also what a killed server left running
         self._spawn(e)
         self._await_ready(e)
         if self._updated:
@@ -447,9 +463,8 @@ class RolloutPool:
                 try:
                     e.proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
-                    e.proc.kill()
-                    e.proc.wait()
-        _kill_all(self._procs)
+                    pass
+        _kill_all(self._procs)  # stragglers, and what each server started
         self._drop_group()
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
