@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grpo_loss_triton import NUM_PARTIALS, tis_weight, token_loss
+from .grpo_loss_triton import NUM_PARTIALS, spec_args, token_loss
 from .logprobs_triton import finalize_row, launch_config, load_target, row_softmax_stats
 
 
@@ -30,7 +30,7 @@ def _fused_fwd_kernel(
     ref_ptr,
     adv_ptr,
     valid_ptr,
-    sampler_ptr,
+    weight_ptr,
     loss_ptr,
     logp_ptr,
     entropy_ptr,
@@ -42,16 +42,18 @@ def _fused_fwd_kernel(
     eps_high,
     delta,
     beta,
-    tis_cap,
+    tau_pos,
+    tau_neg,
     BLOCK: tl.constexpr,
     SCALE: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    OBJECTIVE: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     HAS_BETA: tl.constexpr,
-    HAS_SAMPLER: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     HAS_DELTA: tl.constexpr,
-    HAS_CAP: tl.constexpr,
+    BIAS_KL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -73,15 +75,29 @@ def _fused_fwd_kernel(
     ref = lp
     if HAS_REF:
         ref = tl.where(valid, tl.load(ref_ptr + row), 0.0)
-    sampler = old
-    if HAS_SAMPLER:
-        sampler = tl.load(sampler_ptr + row)
-    tis = tis_weight(old, sampler, valid, tis_cap, HAS_SAMPLER, HAS_CAP)
-    loss, dlogw, dkl, low, high, kl = token_loss(
-        lp - old, lp, ref, adv, tis, eps_low, eps_high, delta, beta, HAS_DELTA, HAS_REF, HAS_BETA
+    weight = lp * 0.0 + 1.0
+    if HAS_WEIGHT:
+        weight = tl.where(valid, tl.load(weight_ptr + row), 0.0)
+    loss, dlogw, dlogp, low, high, kl = token_loss(
+        lp - old,
+        lp,
+        ref,
+        adv,
+        weight,
+        eps_low,
+        eps_high,
+        delta,
+        beta,
+        tau_pos,
+        tau_neg,
+        OBJECTIVE,
+        HAS_DELTA,
+        HAS_REF,
+        HAS_BETA,
+        BIAS_KL,
     )
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
-    tl.store(coef_ptr + row, tl.where(valid, dlogw + dkl, 0.0))
+    tl.store(coef_ptr + row, tl.where(valid, dlogw + dlogp, 0.0))
     valid_f = valid.to(tl.float32)
     base = partial_ptr + row * 5
     tl.store(base + 0, tl.where(low, valid_f, 0.0))
@@ -94,13 +110,13 @@ def _fused_fwd_kernel(
 def fused_forward(
     logits_nv: torch.Tensor,
     targets_n: torch.Tensor,
-    temperature: float,
     inputs,
     spec,
     with_entropy: bool,
     block_size: int | None = None,
 ):
-    """``(loss_n, logp_n, entropy_n | None, max_n, lse_n, coef_n, partial_n5)``."""
+    """``(loss_n, logp_n, entropy_n | None, max_n, lse_n, coef_n, partial_n5)``; the policy
+    weight is ``inputs.is_n`` (a fusable spec has no other)."""
     n_rows, n_cols = logits_nv.shape
     assert logits_nv.stride(1) == 1, "logits must be contiguous along the vocab"
     block, warps = launch_config(n_cols, block_size)
@@ -108,19 +124,18 @@ def fused_forward(
     loss_n, logp_n, max_n, lse_n, coef_n = (torch.empty(n_rows, **f32) for _ in range(5))
     entropy_n = torch.empty(n_rows, **f32) if with_entropy else None
     partial_n5 = torch.zeros((n_rows, NUM_PARTIALS), **f32)
-    has_beta = inputs.ref_n is not None and spec.beta != 0.0
     if n_rows > 0:
         _fused_fwd_kernel[(n_rows,)](
             logits_nv,
             logits_nv.stride(0),
             targets_n,
             n_cols,
-            float(temperature),
+            float(spec.temperature),
             inputs.old_n,
             inputs.ref_n,
             inputs.adv_n,
             inputs.valid_n.to(torch.uint8),
-            inputs.sampler_n,
+            inputs.is_n,
             loss_n,
             logp_n,
             entropy_n,
@@ -128,20 +143,14 @@ def fused_forward(
             lse_n,
             coef_n,
             partial_n5,
-            float(spec.epsilon_low),
-            float(spec.epsilon_high),
-            float(spec.delta if spec.delta is not None else 0.0),
-            float(spec.beta),
-            float(spec.tis_cap if spec.tis_cap is not None else 0.0),
             BLOCK=block,
-            SCALE=temperature != 1.0,
+            SCALE=spec.temperature != 1.0,
             WITH_ENTROPY=with_entropy,
             HAS_OLD=inputs.old_n is not None,
             HAS_REF=inputs.ref_n is not None,
-            HAS_BETA=has_beta,
-            HAS_SAMPLER=inputs.sampler_n is not None,
-            HAS_DELTA=spec.delta is not None,
-            HAS_CAP=spec.tis_cap is not None,
+            HAS_BETA=inputs.ref_n is not None and spec.beta != 0.0,
+            HAS_WEIGHT=inputs.is_n is not None,
             num_warps=warps,
+            **spec_args(spec),
         )
     return loss_n, logp_n, entropy_n, max_n, lse_n, coef_n, partial_n5

@@ -6,8 +6,9 @@
   They follow the kernels' math exactly (see :mod:`vocab_parallel` for the statistics).
 - :func:`logprobs_eager`: the textbook ``log_softmax`` + ``gather`` (``O(N x V)``), the baseline of
   tests and benchmarks, in whatever dtype it is given.
-- :func:`grpo_loss_reference`: the GRPO per-token loss and its clip/KL metrics with TRL's
-  semantics (``GRPOTrainer._compute_loss``), differentiated by autograd.
+- :func:`grpo_loss_reference`: the GRPO per-token loss (every objective of
+  :class:`loss_spec.GRPOLossSpec`) and its clip/KL metrics with TRL's semantics
+  (``GRPOTrainer._compute_loss``), differentiated by autograd.
 
 Shapes: ``_n`` rows/tokens, ``_v`` local vocab, ``_c`` a vocab chunk, ``_s`` sequences.
 Compute dtype: float64 for float64 inputs, float32 for everything else.
@@ -162,70 +163,81 @@ def sequence_log_weights(
     return total_s / count_s.clamp(min=1.0), count_s
 
 
-def grpo_loss_reference(
-    logp_n,
-    old_logp_n,
-    ref_logp_n,
-    advantages_n,
-    valid_n,
-    spec: GRPOLossSpec,
-    sampler_logp_n=None,
-    seq_n=None,
-    num_sequences: int = 0,
-):
+def _policy_term(ratio_n, lp_n, adv_n, spec: GRPOLossSpec):
+    """``(policy_n, clipped_low_n, clipped_high_n)`` of the spec's objective (autograd)."""
+    none_n = torch.zeros_like(adv_n, dtype=torch.bool)
+    if spec.objective == "clip":
+        coef2_n = torch.clamp(ratio_n, 1 - spec.epsilon_low, 1 + spec.epsilon_high)
+        coef1_n = ratio_n if spec.delta is None else torch.clamp(ratio_n, max=spec.delta)
+        policy_n = -torch.min(coef1_n * adv_n, coef2_n * adv_n)
+        low_n = (coef1_n < 1 - spec.epsilon_low) & (adv_n < 0)
+        return policy_n, low_n, (coef1_n > 1 + spec.epsilon_high) & (adv_n > 0)
+    if spec.objective == "cispo":
+        capped_n = torch.clamp(ratio_n, max=spec.epsilon_high).detach()
+        high_n = (ratio_n > spec.epsilon_high) & (adv_n > 0)
+        return -capped_n * adv_n * lp_n, none_n, high_n
+    if spec.objective == "sapo":
+        tau_n = torch.where(adv_n > 0, spec.sapo_temperature_pos, spec.sapo_temperature_neg)
+        tau_n = tau_n.to(ratio_n.dtype)
+        return -torch.sigmoid(tau_n * (ratio_n - 1)) * 4 / tau_n * adv_n, none_n, none_n
+    # "vespo": the gamma weight phi is the (constant) policy weight
+    return -adv_n * lp_n, none_n, none_n
+
+
+def grpo_loss_reference(logp_n, inputs, spec: GRPOLossSpec, weight_n=None):
     """Per-token GRPO loss (zero on masked tokens) and its metrics, TRL semantics, autograd.
 
-    Only ``logp_n`` is differentiated; the other inputs are constants (as in TRL, which computes
-    them without gradient). Masked tokens may hold any value (even -inf): they are replaced by
-    zeros before any arithmetic, so they can neither poison the values nor the gradient.
-    Returns ``(loss_n, metrics)`` with ``metrics = (clip_low, clip_high, clip_region, kl_mean)``,
-    0-dim tensors (``kl_mean`` is None without ``ref_logp_n``).
+    ``inputs`` is a :class:`grpo_loss.LossInputs`; ``weight_n`` the constant policy weight
+    (:func:`policy_weights.policy_weight`). Only ``logp_n`` is differentiated; the other inputs
+    are constants (as in TRL, which computes them without gradient). Masked tokens may hold any
+    value (even -inf): they are replaced by zeros before any arithmetic, so they can neither
+    poison the values nor the gradient. Returns ``(loss_n, metrics)`` with ``metrics =
+    (clip_low, clip_high, clip_region, kl_mean)``, 0-dim tensors (``kl_mean`` is None without
+    ``ref_n``).
     """
+    valid_n = inputs.valid_n
     zeros_n = torch.zeros_like(logp_n)
 
     def clean(x_n):
         return torch.where(valid_n, x_n.detach().to(logp_n.dtype), zeros_n)
 
     lp_n = torch.where(valid_n, logp_n, zeros_n)
-    old_n = lp_n.detach() if old_logp_n is None else clean(old_logp_n)
-    adv_n = clean(advantages_n)
+    old_n = lp_n.detach() if inputs.old_n is None else clean(inputs.old_n)
+    adv_n = clean(inputs.adv_n)
     log_ratio_n = lp_n - old_n
     if spec.importance_sampling_level == "token":
         logw_n = log_ratio_n
     else:
-        logw_s, count_s = sequence_log_weights(log_ratio_n, valid_n, seq_n, num_sequences)
+        logw_s, count_s = sequence_log_weights(
+            log_ratio_n, valid_n, inputs.seq_n, inputs.num_sequences
+        )
         if spec.importance_sampling_level == "sequence":
-            logw_n = logw_s[seq_n]
+            logw_n = logw_s[inputs.seq_n]
         else:  # "sequence_token": GSPO-token, sg[s_i] * pi_t / sg[pi_t]
-            logw_n = lp_n - lp_n.detach() + logw_s.detach()[seq_n]
+            logw_n = lp_n - lp_n.detach() + logw_s.detach()[inputs.seq_n]
     ratio_n = torch.exp(logw_n)
-    coef2_n = torch.clamp(ratio_n, 1 - spec.epsilon_low, 1 + spec.epsilon_high)
-    coef1_n = ratio_n if spec.delta is None else torch.clamp(ratio_n, max=spec.delta)
-    loss_n = -torch.min(coef1_n * adv_n, coef2_n * adv_n)
-    if sampler_logp_n is not None:
-        tis_n = torch.exp(old_n - clean(sampler_logp_n))
-        if spec.tis_cap is not None:
-            tis_n = torch.clamp(tis_n, max=spec.tis_cap)
-        loss_n = loss_n * tis_n
+    loss_n, low_n, high_n = _policy_term(ratio_n, lp_n, adv_n, spec)
+    if weight_n is not None:
+        loss_n = loss_n * clean(weight_n)
     kl_n = None
-    if ref_logp_n is not None:
-        diff_n = clean(ref_logp_n) - lp_n
+    if inputs.ref_n is not None:
+        diff_n = clean(inputs.ref_n) - lp_n
         kl_n = torch.exp(diff_n) - diff_n - 1
+        if spec.kl_bias_correction:
+            kl_n = kl_n * ratio_n
         if spec.beta != 0.0:
             loss_n = loss_n + spec.beta * kl_n
     loss_n = torch.where(valid_n, loss_n, zeros_n)
 
     with torch.no_grad():
         valid_f = valid_n.to(logp_n.dtype)
-        low_n = (coef1_n < 1 - spec.epsilon_low) & (adv_n < 0)
-        high_n = (coef1_n > 1 + spec.epsilon_high) & (adv_n > 0)
         if spec.importance_sampling_level == "token":
-            weight_n, denom = valid_f, valid_f.sum().clamp(min=1.0)
+            metric_w_n, denom = valid_f, valid_f.sum().clamp(min=1.0)
         else:  # TRL averages sequence-level clip indicators over sequences
-            weight_n = valid_f / count_s.clamp(min=1.0)[seq_n]
-            denom = torch.tensor(float(max(num_sequences, 1)), dtype=logp_n.dtype)
+            metric_w_n = valid_f / count_s.clamp(min=1.0)[inputs.seq_n]
+            denom = torch.tensor(float(max(inputs.num_sequences, 1)), dtype=logp_n.dtype)
         metrics = tuple(
-            (weight_n * ind_n.to(logp_n.dtype)).sum() / denom
+            (metric_w_n * ind_n.to(logp_n.dtype)).sum() / denom
             for ind_n in (low_n, high_n, low_n | high_n)
         )
         kl_mean = None if kl_n is None else (valid_f * kl_n).sum() / valid_f.sum().clamp(min=1.0)

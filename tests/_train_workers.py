@@ -96,9 +96,12 @@ def _fresh(hf_dir, arch, groups):
     return chunks, ddp, opt
 
 
-def update_worker(hf_dir, tp, pp, batch, loss_type_name, settings, need_old):
-    """One GRPO update through megatron's schedules; returns DP-reduced metrics and gradients
-    (full tensors, re-assembled over TP) of a few parameters, from the last stage."""
+def update_worker(
+    hf_dir, tp, pp, batch, loss_type_name, spec, need_old, entropy_coef=0.0, sampling=None
+):
+    """One GRPO update through megatron's schedules with the loss ``spec`` (and the sampler
+    importance weight ``sampling``, an ``ImportanceSampling``); returns DP-reduced metrics and
+    gradients (full tensors, re-assembled over TP) of a few parameters, from the last stage."""
     import torch.distributed as dist
 
     from megagrpo.algorithms.loss_aggregation import get_loss_type
@@ -109,23 +112,20 @@ def update_worker(hf_dir, tp, pp, batch, loss_type_name, settings, need_old):
 
     arch, groups, chunks, ddp, opt = _setup(hf_dir, tp, pp)
 
-    class _Run:  # what batch_context reads
-        pass
-
-    run = _Run()
-    run.groups, run.device = groups, torch.device("cpu")
-    run.recipe = type("R", (), {"training": type("T", (), {"max_completion_length": 8})()})()
     mbs = make_micro_batches(batch, 2, pad_token_id=0)
-    ctx = batch_context(run, mbs)
+    ctx = batch_context(mbs, groups, torch.device("cpu"), max_completion_length=8)
     if need_old:
-        fill_logprobs(ddp, mbs, groups, temperature=settings.temperature, field="old_logp_bl")
+        fill_logprobs(ddp, mbs, groups, temperature=spec.temperature, field="old_logp_bl")
+    if sampling is not None:
+        for mb in mbs:
+            mb.is_weight_bl = sampling.weights(mb.old_logp_bl, mb.sampler_logp_bl, mb.mask_bl)
     for m in ddp:
         m.zero_grad_buffer()
     loss_type = get_loss_type(loss_type_name)
-    sums = grpo_update(ddp, mbs, groups, settings, loss_type, ctx)
+    sums = grpo_update(ddp, mbs, groups, spec, loss_type, ctx, entropy_coef)
     for m in ddp:
         m.finish_grad_sync()
-    metrics = reduce_metrics(sums, groups, len(mbs), loss_type)
+    metrics = reduce_metrics(sums, groups, len(mbs), loss_type, spec.objective)
     grads = {}
     for c in chunks:
         for name, p in c.named_parameters():

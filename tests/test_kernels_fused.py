@@ -1,10 +1,12 @@
 """Logits straight to the GRPO loss: fp64 reference comparison, forward and backward.
 
 Grid: backend x {bf16, fp32} x V in {1, 7, 1000, 4099} x temperature {1, 0.7} x {mask, no mask},
-with delta, beta and the truncated importance weight switched on. The fp64 reference is
+with delta, beta and the truncated sampler importance weight switched on. The fp64 reference is
 log_softmax + gather in fp64 followed by the GRPO reference loss in fp64; the baseline for the
 2x rule is the same computation in the logits' dtype.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -13,14 +15,15 @@ from _kernel_backends import (  # before triton is imported: its interpreter wit
     only_without_triton_here,
     run_triton_cases_in_fresh_process,
 )
-from megagrpo_kernels import grpo_loss, logprob_grpo_loss, logprobs
+from megagrpo_kernels import GRPOLossSpec, grpo_loss, logprob_grpo_loss, logprobs
 from megagrpo_kernels.reference import logprobs_eager
 from megagrpo_kernels.testing import check_error_rule, fp32_ulp, max_error, special_logits  # noqa: E501
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 N_ROWS = 16
-LOSS_OPTS = dict(epsilon_low=0.2, epsilon_high=0.28, delta=1.5, beta=0.04, tis_cap=2.0)
+SPEC = GRPOLossSpec(epsilon_low=0.2, epsilon_high=0.28, delta=1.5, beta=0.04)
+TIS_CAP = 2.0  # the sampler weight min(exp(old - sampler), 2): TRL's token_truncate
 
 
 def make_case(vocab, dtype, masked, seed, temperature):
@@ -41,12 +44,13 @@ def make_case(vocab, dtype, masked, seed, temperature):
     old_n = (lp64 + 0.3 * torch.randn(N_ROWS, generator=gen, dtype=torch.float64)).float()
     ref_n = (lp64 + 0.2 * torch.randn(N_ROWS, generator=gen, dtype=torch.float64)).float()
     sampler_n = old_n + 0.3 * torch.randn(N_ROWS, generator=gen)
+    is_n = torch.clamp(torch.exp(old_n - sampler_n), max=TIS_CAP)  # the sampler weight
     adv_n = torch.randn(N_ROWS, generator=gen)
     weight_n = torch.randn(N_ROWS, generator=gen)
-    return logits_nv, case.targets_n, old_n, ref_n, sampler_n, adv_n, mask_n, weight_n
+    return logits_nv, case.targets_n, old_n, ref_n, is_n, adv_n, mask_n, weight_n
 
 
-def composed(logits_nv, targets_n, old_n, ref_n, sampler_n, adv_n, mask_n, weight_n, temperature):
+def composed(logits_nv, targets_n, old_n, ref_n, is_n, adv_n, mask_n, weight_n, temperature):
     """log_softmax + gather in the logits' dtype, then the reference loss (fp64 for fp64)."""
     x = logits_nv.clone().requires_grad_()
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -58,9 +62,9 @@ def composed(logits_nv, targets_n, old_n, ref_n, sampler_n, adv_n, mask_n, weigh
         ref_n.to(dtype),
         adv_n.to(dtype),
         mask_n,
-        sampler_logp=sampler_n.to(dtype),
+        spec=SPEC,
+        is_weight=is_n.to(dtype),
         backend="torch",
-        **LOSS_OPTS,
     )
     out.loss.retain_grad()
     (out.loss * weight_n.to(dtype)).sum().backward()
@@ -69,7 +73,7 @@ def composed(logits_nv, targets_n, old_n, ref_n, sampler_n, adv_n, mask_n, weigh
     return out, x.grad
 
 
-def dloss_dlogp(logp_n, old_n, ref_n, sampler_n, adv_n, mask_n):
+def dloss_dlogp(logp_n, old_n, ref_n, is_n, adv_n, mask_n):
     """The fp64 reference's ``d loss_i / d logp_i`` at the given log-probs."""
     x = logp_n.clone().requires_grad_()
     out = grpo_loss(
@@ -78,9 +82,9 @@ def dloss_dlogp(logp_n, old_n, ref_n, sampler_n, adv_n, mask_n):
         ref_n.double(),
         adv_n.double(),
         mask_n,
-        sampler_logp=sampler_n.double(),
+        spec=SPEC,
+        is_weight=is_n.double(),
         backend="torch",
-        **LOSS_OPTS,
     )
     out.loss.sum().backward()
     return x.grad
@@ -92,7 +96,7 @@ def dloss_dlogp(logp_n, old_n, ref_n, sampler_n, adv_n, mask_n):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
 def test_fused_loss_matches_fp64_reference(backend, dtype, vocab, temperature, masked):
-    logits_nv, targets_n, old_n, ref_n, sampler_n, adv_n, mask_n, weight_n = make_case(
+    logits_nv, targets_n, old_n, ref_n, is_n, adv_n, mask_n, weight_n = make_case(
         vocab, dtype, masked, seed=vocab + int(masked), temperature=temperature
     )
     x = logits_nv.clone().requires_grad_()
@@ -103,18 +107,17 @@ def test_fused_loss_matches_fp64_reference(backend, dtype, vocab, temperature, m
         ref_n,
         adv_n,
         mask_n,
-        temperature=temperature,
-        sampler_logp=sampler_n,
+        spec=dataclasses.replace(SPEC, temperature=temperature),
+        is_weight=is_n,
         return_entropy=True,
         backend=backend,
-        **LOSS_OPTS,
     )
     (out.loss * weight_n).sum().backward()
     ref64, grad64 = composed(
-        logits_nv.double(), targets_n, old_n, ref_n, sampler_n, adv_n, mask_n, weight_n, temperature
+        logits_nv.double(), targets_n, old_n, ref_n, is_n, adv_n, mask_n, weight_n, temperature
     )
     base, grad_base = composed(
-        logits_nv, targets_n, old_n, ref_n, sampler_n, adv_n, mask_n, weight_n, temperature
+        logits_nv, targets_n, old_n, ref_n, is_n, adv_n, mask_n, weight_n, temperature
     )
     keep_n = torch.ones(N_ROWS, dtype=torch.bool) if mask_n is None else mask_n
     assert x.grad.dtype == dtype
@@ -126,7 +129,7 @@ def test_fused_loss_matches_fp64_reference(backend, dtype, vocab, temperature, m
     # coef's change under a one-ulp change of the fp32 log-prob
     coef_rel_n = torch.zeros(N_ROWS, dtype=torch.float64)
     for sign in (1.0, -1.0):
-        coef_n = dloss_dlogp(ref64.logp + sign * lp_slack, old_n, ref_n, sampler_n, adv_n, mask_n)
+        coef_n = dloss_dlogp(ref64.logp + sign * lp_slack, old_n, ref_n, is_n, adv_n, mask_n)
         coef_rel_n = torch.maximum(
             coef_rel_n,
             ((coef_n - ref64.dloss_dlogp).abs() / ref64.dloss_dlogp.abs()).nan_to_num(nan=0.0),
@@ -175,8 +178,7 @@ def test_sequence_levels_through_logits(backend, level):
         None,
         adv,
         mask,
-        temperature=0.7,
-        importance_sampling_level=level,
+        spec=GRPOLossSpec(temperature=0.7, importance_sampling_level=level),
         backend=backend,
     )
     out.loss.sum().backward()
@@ -187,7 +189,7 @@ def test_sequence_levels_through_logits(backend, level):
         None,
         adv.double(),
         mask,
-        importance_sampling_level=level,
+        spec=GRPOLossSpec(importance_sampling_level=level),
         backend="torch",
     )
     ref.loss.sum().backward()

@@ -15,7 +15,8 @@ from _kernel_backends import (  # before triton is imported: its interpreter wit
     only_without_triton_here,
     run_triton_cases_in_fresh_process,
 )
-from megagrpo_kernels import grpo_loss
+from megagrpo_kernels import GRPOLossSpec
+from megagrpo_kernels import grpo_loss as kernel_grpo_loss
 from megagrpo_kernels.testing import check_error_rule, max_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -25,6 +26,21 @@ OPTIONS = {
     "plain": dict(epsilon_low=0.2, epsilon_high=0.2),
     "all": dict(epsilon_low=0.2, epsilon_high=0.28, delta=1.3, beta=0.04, tis_cap=1.5),
 }
+
+
+def grpo_loss(logp, old, ref, adv, mask=None, *, sampler_logp=None, tis_cap=None, **kw):
+    """``kernel_grpo_loss`` with the spec's knobs as keywords and the truncated sampler weight
+    ``min(exp(old - sampler), tis_cap)`` (TRL's token_truncate) as ``is_weight``."""
+    spec_kw = {k: kw.pop(k) for k in list(kw) if k in GRPOLossSpec.__dataclass_fields__}
+    is_weight = None
+    if sampler_logp is not None:
+        base = logp.detach() if old is None else old
+        is_weight = torch.exp(torch.nan_to_num(base - sampler_logp, nan=0.0))
+        if tis_cap is not None:
+            is_weight = torch.clamp(is_weight, max=tis_cap)
+    return kernel_grpo_loss(
+        logp, old, ref, adv, mask, spec=GRPOLossSpec(**spec_kw), is_weight=is_weight, **kw
+    )
 
 
 def trl_loss(
@@ -307,7 +323,20 @@ def test_bad_input_is_named():
             num_sequences=2,
         )
     with pytest.raises(TypeError, match="sampler_logp: expected a floating-point tensor"):
-        grpo_loss(lp, None, None, adv, sampler_logp=torch.zeros(2, 4, dtype=torch.long))
+        kernel_grpo_loss(lp, None, None, adv, sampler_logp=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="is_weight: expected weights >= 0"):
+        kernel_grpo_loss(lp, None, None, adv, is_weight=-torch.ones(2, 4))
+    with pytest.raises(ValueError, match="entropy: required when top_entropy_quantile < 1"):
+        kernel_grpo_loss(lp, None, None, adv, spec=GRPOLossSpec(top_entropy_quantile=0.2))
+    with pytest.raises(TypeError, match="spec: expected a GRPOLossSpec"):
+        kernel_grpo_loss(lp, None, None, adv, spec=dict(beta=0.1))
+    with pytest.raises(ValueError, match="objective: expected one of"):
+        GRPOLossSpec(objective="ppo")
+    with pytest.raises(ValueError, match="top_entropy_quantile: expected a number in"):
+        GRPOLossSpec(top_entropy_quantile=1.5)
+    with pytest.raises(ValueError, match="seq_ids: objective='vespo' needs seq_ids"):
+        vespo = GRPOLossSpec(objective="vespo")
+        kernel_grpo_loss(lp.reshape(-1), None, None, adv.repeat(4), spec=vespo)
     with pytest.raises(TypeError, match="logp: expected a floating-point tensor"):
         grpo_loss(torch.zeros(2, 4, dtype=torch.long), None, None, adv)
 

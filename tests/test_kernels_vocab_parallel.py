@@ -120,8 +120,30 @@ def _check_logprobs(rank, backend, vocab, dtype, counter, explicit_start):
     }
 
 
-def _check_fused(rank, backend, level):
-    from megagrpo_kernels import logprob_grpo_loss
+#: Loss specs checked vocab-parallel against the full vocab: (name, spec kwargs, entropy_grad).
+FUSED_CASES = (
+    ("clip token", dict(delta=1.5, epsilon_high=0.28), False),
+    (
+        "clip sequence",
+        dict(delta=1.5, epsilon_high=0.28, importance_sampling_level="sequence"),
+        False,
+    ),
+    (
+        "cispo top-entropy bonus",
+        dict(objective="cispo", epsilon_high=2.0, top_entropy_quantile=0.5),
+        True,
+    ),
+    (
+        "sapo off-policy",
+        dict(objective="sapo", off_policy_mask_threshold=0.1, kl_bias_correction=True),
+        False,
+    ),
+    ("vespo", dict(objective="vespo"), False),
+)
+
+
+def _check_fused(rank, backend, spec_kw, entropy_grad):
+    from megagrpo_kernels import GRPOLossSpec, logprob_grpo_loss
     from megagrpo_kernels.testing import max_error
 
     gen = torch.Generator().manual_seed(1)
@@ -129,32 +151,34 @@ def _check_fused(rank, backend, level):
     targets = torch.randint(0, 64, (2, 5), generator=gen)
     old = -torch.rand(2, 5, generator=gen) * 5
     ref = old + 0.1 * torch.randn(2, 5, generator=gen)
+    sampler = old + 0.1 * torch.randn(2, 5, generator=gen)
     adv = torch.randn(2, generator=gen)
     mask = torch.rand(2, 5, generator=gen) > 0.2
-    kw = dict(
-        temperature=0.7,
-        beta=0.04,
-        delta=1.5,
-        epsilon_high=0.28,
-        importance_sampling_level=level,
-        backend=backend,
-    )
+    spec = GRPOLossSpec(temperature=0.7, beta=0.04, **spec_kw)
+    kw = dict(spec=spec, sampler_logp=sampler, entropy_grad=entropy_grad, backend=backend)
+
+    def objective(out):
+        return out.loss.sum() + (out.entropy.sum() if entropy_grad else 0.0)
+
     x = logits[..., rank * 32 : (rank + 1) * 32].clone().requires_grad_()
     out = logprob_grpo_loss(x, targets, old, ref, adv, mask, tp_group=dist.group.WORLD, **kw)
-    out.loss.sum().backward()
+    objective(out).backward()
     y = logits.clone().requires_grad_()
     full = logprob_grpo_loss(y, targets, old, ref, adv, mask, **kw)
-    full.loss.sum().backward()
+    objective(full).backward()
     full_grad = y.grad[..., rank * 32 : (rank + 1) * 32]
     loss_tol = 1e-6 * (1 + float(full.loss.abs().max()))
     grad_tol = 1e-6 * (1 + float(full_grad.abs().max()))
+    keys = [k for k in ("clip_low", "clip_high", "clip_region", "kl_mean", "phi_mean")]
     return {
         "loss": (max_error(out.loss, full.loss) < loss_tol, max_error(out.loss, full.loss)),
+        "loss is not zero": (float(full.loss.abs().sum()) > 1e-3, None),
         "grad": (max_error(x.grad, full_grad) < grad_tol, max_error(x.grad, full_grad)),
         "metrics": (
             all(
-                abs(float(getattr(out, k)) - float(getattr(full, k))) < 1e-5
-                for k in ("clip_low", "clip_high", "clip_region", "kl_mean")
+                getattr(full, k) is None
+                or abs(float(getattr(out, k)) - float(getattr(full, k))) < 1e-5
+                for k in keys
             ),
             None,
         ),
@@ -193,9 +217,9 @@ def _worker(rank, port, backends, queue):
                 checks = _check_logprobs(rank, backend, vocab, dtype, counter, explicit)
                 for name, res in checks.items():
                     results[f"{backend} V={vocab} {dtype} {name}"] = res
-            for level in ("token", "sequence"):
-                for name, res in _check_fused(rank, backend, level).items():
-                    results[f"{backend} fused {level} {name}"] = res
+            for case, spec_kw, entropy_grad in FUSED_CASES:
+                for name, res in _check_fused(rank, backend, spec_kw, entropy_grad).items():
+                    results[f"{backend} fused {case} {name}"] = res
             for name, res in _check_bad_target(rank, backend).items():
                 results[f"{backend} {name}"] = res
         queue.put((rank, results))

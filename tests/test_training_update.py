@@ -7,19 +7,11 @@ import pytest
 import torch
 from _multiproc import run_ranks
 from _train_workers import update_worker
+from megagrpo_kernels import GRPOLossSpec
 
 from megagrpo.training.batch import CompletionBatch
-from megagrpo.training.policy_update import LossSettings
 
-SETTINGS = LossSettings(
-    temperature=0.7,
-    epsilon_low=0.2,
-    epsilon_high=0.28,
-    delta=None,
-    beta=0.0,
-    tis_cap=None,
-    importance_sampling_level="token",
-)
+SETTINGS = GRPOLossSpec(temperature=0.7, epsilon_low=0.2, epsilon_high=0.28)
 
 
 def _batch():

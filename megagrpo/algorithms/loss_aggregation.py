@@ -2,15 +2,20 @@
 
 Legend: B completions in the micro-batch, T completion positions.
 
-Each loss type is a small named piece with TRL's semantics:
+Each aggregation is a small named piece with TRL's semantics; ``LOSS_TYPES`` maps every
+``loss_type`` to its aggregation (its per-token objective is in
+``megagrpo.algorithms.loss_variants``):
 
-- ``grpo``: mean over completions of each completion's token mean (DeepSeekMath's GRPO; long
-  completions' tokens weigh less).
-- ``bnpo``: token mean over the micro-batch.
-- ``dr_grpo``: token sum over the micro-batch / (B x max_completion_length) (Dr. GRPO: no
-  length bias).
-- ``dapo``: token sum / the number of completion tokens in the whole generation batch, over
-  all data-parallel ranks and gradient-accumulation micro-batches (DAPO's token-level loss).
+- ``sequence_mean`` (grpo, sapo): mean over completions of each completion's token mean
+  (DeepSeekMath's GRPO; long completions' tokens weigh less).
+- ``token_mean`` (bnpo): token mean over the micro-batch.
+- ``max_length`` (dr_grpo): token sum over the micro-batch / (B x max_completion_length)
+  (Dr. GRPO: no length bias).
+- ``global_token_mean`` (dapo, cispo, vespo): token sum / the number of completion tokens in
+  the whole generation batch, over all data-parallel ranks and gradient-accumulation
+  micro-batches (DAPO's token-level loss).
+- ``sequence_sum`` (luspo): mean over completions of each completion's token sum (LUSPO:
+  length-unbiased sequence policy optimisation).
 
 megatron-core's schedules divide each micro-batch loss by the number of micro-batches, and the
 data-parallel gradient reduction averages over DP ranks. ``loss`` returns the value to hand to
@@ -40,7 +45,8 @@ class BatchContext:
 
 
 class LossType:
-    """Reduces per-token losses [B, T] under a mask [B, T] to the loss of one micro-batch."""
+    """A loss aggregation: reduces per-token losses [B, T] under a mask [B, T] to the loss of
+    one micro-batch."""
 
     name = ""
 
@@ -60,8 +66,8 @@ class LossType:
         return objective_sum / max(num_parts, 1)
 
 
-class GRPOLoss(LossType):
-    name = "grpo"
+class SequenceMean(LossType):
+    name = "sequence_mean"
 
     def objective(self, loss_bt, mask_bt, ctx):
         m = mask_bt.to(loss_bt.dtype)
@@ -69,24 +75,24 @@ class GRPOLoss(LossType):
         return per_seq_b.mean()
 
 
-class BNPOLoss(LossType):
-    name = "bnpo"
+class TokenMean(LossType):
+    name = "token_mean"
 
     def objective(self, loss_bt, mask_bt, ctx):
         m = mask_bt.to(loss_bt.dtype)
         return (loss_bt * m).sum() / m.sum().clamp(min=1.0)
 
 
-class DrGRPOLoss(LossType):
-    name = "dr_grpo"
+class MaxLength(LossType):
+    name = "max_length"
 
     def objective(self, loss_bt, mask_bt, ctx):
         m = mask_bt.to(loss_bt.dtype)
         return (loss_bt * m).sum() / (loss_bt.shape[0] * ctx.max_completion_length)
 
 
-class DAPOLoss(LossType):
-    name = "dapo"
+class GlobalTokenMean(LossType):
+    name = "global_token_mean"
 
     def objective(self, loss_bt, mask_bt, ctx):
         m = mask_bt.to(loss_bt.dtype)
@@ -101,12 +107,29 @@ class DAPOLoss(LossType):
         return objective_sum  # each part is already divided by the global token count
 
 
+class SequenceSum(LossType):
+    name = "sequence_sum"
+
+    def objective(self, loss_bt, mask_bt, ctx):
+        m = mask_bt.to(loss_bt.dtype)
+        return (loss_bt * m).sum(-1).mean()
+
+
+#: ``loss_type`` -> its aggregation (TRL's ``_compute_loss``).
 LOSS_TYPES: dict[str, type[LossType]] = {
-    cls.name: cls for cls in (GRPOLoss, BNPOLoss, DrGRPOLoss, DAPOLoss)
+    "grpo": SequenceMean,
+    "bnpo": TokenMean,
+    "dr_grpo": MaxLength,
+    "dapo": GlobalTokenMean,
+    "luspo": SequenceSum,
+    "cispo": GlobalTokenMean,
+    "sapo": SequenceMean,
+    "vespo": GlobalTokenMean,
 }
 
 
 def get_loss_type(name: str) -> LossType:
+    """The aggregation of ``loss_type`` ``name``."""
     if name not in LOSS_TYPES:
         raise ValueError(f"loss_type={name!r}; expected one of {sorted(LOSS_TYPES)}")
     return LOSS_TYPES[name]()

@@ -18,8 +18,11 @@ from megagrpo.config.script_args import R1_SYSTEM_PROMPT
 _NO = {False: "no"}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
 """``lr_scheduler_type``'s choices (``training/lr_schedule.py`` implements them)."""
-LOSS_TYPE_NAMES = ("grpo", "bnpo", "dr_grpo", "dapo")
-"""``loss_type``'s choices (``algorithms/loss_aggregation.py`` implements them)."""
+LOSS_TYPE_NAMES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
+"""``loss_type``'s choices (``algorithms/loss_aggregation.py`` aggregates them,
+``algorithms/loss_variants.py`` gives their per-token objective)."""
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""``vllm_importance_sampling_mode``'s choices (``algorithms/importance_sampling.py``)."""
 SCALE_REWARDS = ("group", "batch", "none")
 """``scale_rewards``' choices (``algorithms/advantages.py`` implements them)."""
 REPORT_TO = ("wandb",)
@@ -178,9 +181,62 @@ class GRPOConfig:
     )
     loss_type: Literal[LOSS_TYPE_NAMES] = option(
         "dapo",
-        help="Token-loss aggregation: grpo (mean per sequence, then over sequences), bnpo (mean "
-        "over the local batch's tokens), dr_grpo (sum / (batch x max_completion_length)), dapo "
-        "(mean over the global batch's tokens; TRL's current default).",
+        help="The loss (docs/algorithms.md): grpo (clipped ratio, mean per sequence, then over "
+        "sequences), bnpo (mean over the local batch's tokens), dr_grpo (sum / (batch x "
+        "max_completion_length)), dapo (mean over the global batch's tokens; TRL's default), "
+        "luspo (token sum per sequence, mean over sequences), cispo (MiniMax-M1: clipped, "
+        "detached ratio times log-prob; epsilon_high caps the ratio, e.g. 5.0), sapo (soft "
+        "sigmoid gate instead of the clip), vespo (gamma-weighted sequence ratio).",
+    )
+    sapo_temperature_pos: float = option(
+        1.0, help="sapo: temperature of the soft gate for positive advantages (> 0)."
+    )
+    sapo_temperature_neg: float = option(
+        1.05, help="sapo: temperature of the soft gate for negative advantages (> 0)."
+    )
+    vespo_k_pos: float = option(2.0, help="vespo: shape k of the gamma weight, advantages >= 0.")
+    vespo_lambda_pos: float = option(
+        3.0, help="vespo: rate lambda of the gamma weight, advantages >= 0."
+    )
+    vespo_k_neg: float = option(3.0, help="vespo: shape k of the gamma weight, advantages < 0.")
+    vespo_lambda_neg: float = option(
+        2.0, help="vespo: rate lambda of the gamma weight, advantages < 0."
+    )
+    use_bias_correction_kl: bool = option(
+        True,
+        help="Multiply the per-token KL by the importance ratio pi / pi_old (DeepSeek-V3.2's "
+        "unbiased KL estimate off-policy); only matters with beta > 0.",
+    )
+    off_policy_mask_threshold: float | None = option(
+        None,
+        help="DeepSeek-V3.2's off-policy sequence mask: completions with a negative advantage "
+        "whose mean log-prob drift (sampler - current policy) exceeds this are left out of the "
+        "policy loss; None disables.",
+    )
+    top_entropy_quantile: float = option(
+        1.0,
+        help="Train only on the tokens whose entropy is in this top quantile of the micro-batch "
+        "(0.2 = the top 20%, 'Beyond the 80/20 rule'); 1.0 trains on all tokens.",
+    )
+    entropy_coef: float = option(
+        0.0,
+        help="Entropy bonus: subtract entropy_coef x the mean token entropy (over the tokens the "
+        "policy loss trains on) from every micro-batch's loss; the initial value with "
+        "use_adaptive_entropy.",
+    )
+    use_adaptive_entropy: bool = option(
+        False,
+        help="Adapt entropy_coef after every optimizer step: + entropy_coef_delta when the "
+        "step's entropy is at or below entropy_target, - otherwise, within [entropy_coef_min, "
+        "entropy_coef_max]; the bonus applies only while the entropy is at or below the target.",
+    )
+    entropy_coef_min: float = option(0.0, help="Lower bound of the adaptive entropy_coef.")
+    entropy_coef_max: float = option(1.0, help="Upper bound of the adaptive entropy_coef.")
+    entropy_coef_delta: float = option(
+        0.005, help="Step of the adaptive entropy_coef per optimizer step (>= 0)."
+    )
+    entropy_target: float = option(
+        0.2, help="Entropy (nats per token) the adaptive entropy_coef steers towards."
     )
     importance_sampling_level: Literal["token", "sequence"] = option(
         "token",
@@ -243,13 +299,23 @@ class GRPOConfig:
     )
     vllm_importance_sampling_correction: bool = option(
         True,
-        help="Reweight the loss by the truncated ratio pi_trainer / pi_sampler of each token "
-        "(truncated importance sampling) to correct the sampler/trainer mismatch.",
+        help="Reweight the policy loss by the ratio pi_trainer_old / pi_sampler (truncated or "
+        "masked, see vllm_importance_sampling_mode) to correct the sampler/trainer mismatch. "
+        "megagrpo applies it with every rollout engine (TRL only with vLLM).",
     )
-    vllm_importance_sampling_cap: float = option(
-        2.0,
-        help="Truncation C of that ratio (TRL 0.23's default; TRL now names it "
-        "vllm_importance_sampling_clip_max with default 3.0 and masking, accepted as an alias).",
+    vllm_importance_sampling_mode: Literal[IS_MODES] = option(
+        "sequence_mask",
+        help="token_truncate / token_mask: one ratio per token, clamped to / zeroed outside "
+        "[clip_min, clip_max]; sequence_truncate / sequence_mask: one ratio per completion (the "
+        "product of its tokens'), likewise.",
+    )
+    vllm_importance_sampling_clip_max: float | None = option(
+        3.0,
+        help="Upper bound of the sampler ratio (truncation cap or mask limit); None for none. "
+        "vllm_importance_sampling_cap (TRL's old name) is accepted as an alias.",
+    )
+    vllm_importance_sampling_clip_min: float | None = option(
+        None, help="Lower bound of the sampler ratio; None for none."
     )
 
     # ---- rollout engines (megagrpo) ----

@@ -185,6 +185,7 @@ def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
         )
     if t.delta is not None and not (t.delta > 1.0):
         errors.append(f"delta={t.delta} must be > 1 (it caps the ratio of negative advantages)")
+    _check_entropy(t, errors)
     _at_least(errors, "num_iterations", t.num_iterations, 1)
     if not (0.0 < t.vllm_gpu_memory_utilization <= 1.0):
         errors.append(
@@ -195,11 +196,7 @@ def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
         _check_vllm(t, errors)
     if not (1 <= t.vllm_server_port <= 65535):
         errors.append(f"vllm_server_port={t.vllm_server_port} must be in [1, 65535]")
-    if not (t.vllm_importance_sampling_cap >= 1.0):
-        errors.append(
-            f"vllm_importance_sampling_cap={t.vllm_importance_sampling_cap} must be >= 1 "
-            "(a cap below 1 would shrink on-policy tokens)"
-        )
+    _check_loss_variant(t, errors)
     _at_least(errors, "rollout_num_engines", t.rollout_num_engines, 0)
     _at_least(errors, "rollout_max_batch_size", t.rollout_max_batch_size, 1)
     _at_least(errors, "weight_sync_bucket_mb", t.weight_sync_bucket_mb, 1)
@@ -366,3 +363,59 @@ def check_sequence_parallel(sequence_parallel: bool, tp: int, errors: list[str])
 def _at_least(errors: list[str], name: str, value: int | float, low: int | float) -> None:
     if not (value >= low):
         errors.append(f"{name}={value} must be >= {low}")
+
+
+def _check_loss_variant(t, errors: list[str]) -> None:
+    """The loss variants' knobs and the sampler importance weight (TRL's GRPOConfig rules)."""
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+        if not (getattr(t, name) > 0):
+            errors.append(f"{name}={getattr(t, name)} must be > 0")
+    for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+        if not (getattr(t, name) >= 0):
+            errors.append(f"{name}={getattr(t, name)} must be >= 0")
+    lo, hi = t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max
+    if lo is not None and not (lo >= 0):
+        errors.append(f"vllm_importance_sampling_clip_min={lo} must be >= 0 (a ratio's bound)")
+    if hi is not None and not (hi > 0):
+        errors.append(f"vllm_importance_sampling_clip_max={hi} must be > 0 (a ratio's bound)")
+    if lo is not None and hi is not None and not (lo < hi):
+        errors.append(
+            f"vllm_importance_sampling_clip_min={lo} must be < vllm_importance_sampling_clip_max"
+            f"={hi}"
+        )
+    mode = t.vllm_importance_sampling_mode
+    if t.vllm_importance_sampling_correction and mode.endswith("_truncate") and lo is hi is None:
+        errors.append(
+            f"vllm_importance_sampling_mode={mode!r} needs vllm_importance_sampling_clip_min or "
+            "vllm_importance_sampling_clip_max (a truncation needs a bound)"
+        )
+    if t.loss_type == "vespo" and t.vllm_importance_sampling_correction:
+        if not mode.startswith("token_"):
+            errors.append(
+                f"loss_type='vespo' with vllm_importance_sampling_mode={mode!r}: VESPO folds the "
+                "sampler ratio into its sequence weight token by token; use token_truncate or "
+                "token_mask (or vllm_importance_sampling_correction: false)"
+            )
+    if t.off_policy_mask_threshold is not None and not math.isfinite(t.off_policy_mask_threshold):
+        errors.append(
+            f"off_policy_mask_threshold={t.off_policy_mask_threshold} must be a finite number "
+            "or null"
+        )
+
+
+def _check_entropy(t, errors: list[str]) -> None:
+    """top_entropy_quantile and the (adaptive) entropy bonus."""
+    if not (0.0 <= t.top_entropy_quantile <= 1.0):
+        errors.append(f"top_entropy_quantile={t.top_entropy_quantile} must be in [0, 1]")
+    if not math.isfinite(t.entropy_coef):
+        errors.append(f"entropy_coef={t.entropy_coef} must be a finite number")
+    if t.use_adaptive_entropy:
+        if not (0.0 <= t.entropy_coef_min <= t.entropy_coef_max):
+            errors.append(
+                f"entropy_coef_min={t.entropy_coef_min} and entropy_coef_max="
+                f"{t.entropy_coef_max} must satisfy 0 <= min <= max"
+            )
+        if not (t.entropy_coef_delta >= 0):
+            errors.append(f"entropy_coef_delta={t.entropy_coef_delta} must be >= 0")
+        if not (t.entropy_target >= 0):
+            errors.append(f"entropy_target={t.entropy_target} must be >= 0 (nats per token)")

@@ -62,6 +62,8 @@ class MicroBatch:
     sampler_logp_bl: torch.Tensor | None = None
     old_logp_bl: torch.Tensor | None = None
     ref_logp_bl: torch.Tensor | None = None
+    is_weight_bl: torch.Tensor | None = None
+    """The sampler importance weight of each position (``algorithms/importance_sampling.py``)."""
     index: list[int] = field(default_factory=list)
     """Positions of these completions in the step's CompletionBatch."""
 

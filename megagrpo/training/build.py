@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from megagrpo.algorithms.entropy_bonus import EntropyBonus
+from megagrpo.algorithms.importance_sampling import ImportanceSampling
 from megagrpo.algorithms.loss_aggregation import LossType, get_loss_type
+from megagrpo.algorithms.loss_variants import loss_spec
 from megagrpo.config import Recipe, recipe_to_dict, validate_layout, validate_recipe
 from megagrpo.conversion.hf_weights import load_hf_weights
 from megagrpo.conversion.safetensors_io import SafetensorsDir
@@ -27,13 +30,13 @@ from megagrpo.models.builder import build_model
 from megagrpo.monitoring.log_levels import apply_log_level
 from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
 from megagrpo.training.checkpoint import (
+    TrainerState,
     load_checkpoint,
     remove_interrupted_saves,
     resolve_resume,
 )
 from megagrpo.training.lr_schedule import LRSchedule, schedule_from_config
 from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
-from megagrpo.training.policy_update import LossSettings
 from megagrpo.training.prompt_data import share_prompt_data
 from megagrpo.training.reference import ReferenceModel
 from megagrpo.training.rollout_engines import engine_share
@@ -53,7 +56,13 @@ class Run:
     optimizer: Any
     schedule: LRSchedule
     loss_type: LossType
-    loss: LossSettings
+    """How per-token losses aggregate (``loss_type``)."""
+    loss_spec: Any
+    """The per-token loss (``megagrpo_kernels.GRPOLossSpec``), handed as is to the kernels."""
+    importance_sampling: ImportanceSampling | None
+    """The sampler importance weight; None when ``vllm_importance_sampling_correction`` is off."""
+    entropy_bonus: EntropyBonus | None
+    """The entropy bonus and its adaptive state; None without one."""
     reference: ReferenceModel | None
     logger: MetricsLogger
     total_steps: int
@@ -77,7 +86,11 @@ class Run:
     @property
     def needs_old_logprobs(self) -> bool:
         t = self.recipe.training
-        return t.num_iterations > 1 or t.async_max_staleness > 0 or self.loss.tis_cap is not None
+        return (
+            t.num_iterations > 1
+            or t.async_max_staleness > 0
+            or self.importance_sampling is not None
+        )
 
 
 def resolve_model_dir(name: str, revision: str = "main") -> str:
@@ -126,16 +139,16 @@ def _broadcast_from_rank0(value, groups):
     return box[0]
 
 
-def _resume(t, modules, optimizer, arch, groups, resolved) -> int:
+def _resume(t, modules, optimizer, arch, groups, resolved) -> TrainerState | None:
     """Load the checkpoint to resume from, if any (removing interrupted saves first); returns
-    the step to start at."""
+    its trainer state (None: start at step 0)."""
     if groups.rank == 0:
         for name in remove_interrupted_saves(t.output_dir):
             print(f"removed {name}: a checkpoint save that was interrupted", flush=True)
     checkpoint = resolve_resume(t.output_dir, t.resume_from_checkpoint)
     if not checkpoint:
-        return 0
-    state = load_checkpoint(
+        return None
+    return load_checkpoint(
         checkpoint,
         modules,
         optimizer,
@@ -143,7 +156,6 @@ def _resume(t, modules, optimizer, arch, groups, resolved) -> int:
         groups,
         distributed_optimizer=resolved.use_distributed_optimizer and torch.cuda.is_available(),
     )
-    return state.step
 
 
 def _metrics_logger(recipe: Recipe, groups, data) -> MetricsLogger:
@@ -198,7 +210,10 @@ def build_run(recipe: Recipe) -> Run:
         load_hf_weights(ref, source, arch, groups)
         reference = ReferenceModel(ref, offload=t.ref_model_offload)
 
-    start_step = _resume(t, modules, optimizer, arch, groups, resolved)
+    resumed = _resume(t, modules, optimizer, arch, groups, resolved)
+    entropy_bonus = EntropyBonus.from_config(t)
+    if entropy_bonus is not None and resumed is not None and "entropy_bonus" in resumed.extra:
+        entropy_bonus.load_state_dict(resumed.extra["entropy_bonus"])
     run = Run(
         recipe=recipe,
         groups=groups,
@@ -210,11 +225,13 @@ def build_run(recipe: Recipe) -> Run:
         optimizer=optimizer,
         schedule=schedule_from_config(t, total_steps * t.num_iterations),
         loss_type=get_loss_type(t.loss_type),
-        loss=LossSettings.from_config(t),
+        loss_spec=loss_spec(t),
+        importance_sampling=ImportanceSampling.from_config(t),
+        entropy_bonus=entropy_bonus,
         reference=reference,
         logger=_metrics_logger(recipe, groups, data),
         total_steps=total_steps,
-        start_step=start_step,
+        start_step=resumed.step if resumed is not None else 0,
         micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
         steps_per_epoch=steps_per_epoch,
         data=data,

@@ -60,7 +60,7 @@ def train(run) -> list[dict]:
                     ),
                 )
             ]
-            ctx = batch_context(run, mbs)
+            ctx = batch_context(mbs, run.groups, run.device, t.max_completion_length)
             with timer("logprobs"):
                 if run.needs_old_logprobs:
                     fill_logprobs(
@@ -68,6 +68,11 @@ def train(run) -> list[dict]:
                     )
                 if run.reference is not None:
                     run.reference.fill(mbs, run.groups, temperature=t.temperature)
+                if run.importance_sampling is not None:
+                    for mb in mbs:
+                        mb.is_weight_bl = run.importance_sampling.weights(
+                            mb.old_logp_bl, mb.sampler_logp_bl, mb.mask_bl
+                        )
             with timer("update"):
                 updates = [
                     optimizer_step(run, mbs, ctx, step * t.num_iterations + it)
@@ -90,17 +95,18 @@ def train(run) -> list[dict]:
     return history
 
 
-def batch_context(run, mbs) -> BatchContext:
-    """Token count of the whole generation batch (DAPO's normaliser), over DP ranks."""
+def batch_context(mbs, groups, device, max_completion_length: int) -> BatchContext:
+    """What the loss types need of this step's micro-batches: the token count of the whole
+    generation batch (DAPO's normaliser), summed over DP ranks."""
     tokens = torch.tensor(
-        [float(sum(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=run.device
+        [float(sum(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device
     )
-    if run.groups.dp_size > 1:
-        dist.all_reduce(tokens, group=run.groups.dp)
+    if groups.dp_size > 1:
+        dist.all_reduce(tokens, group=groups.dp)
     return BatchContext(
         num_microbatches=len(mbs),
-        dp_size=run.groups.dp_size,
-        max_completion_length=run.recipe.training.max_completion_length,
+        dp_size=groups.dp_size,
+        max_completion_length=max_completion_length,
         global_num_tokens=int(tokens.item()),
     )
 
@@ -109,9 +115,16 @@ def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, 
     for m in run.policy:
         m.zero_grad_buffer()
     run.optimizer.zero_grad()
-    sums = grpo_update(run.policy, mbs, run.groups, run.loss, run.loss_type, ctx)
+    bonus = run.entropy_bonus
+    coef = bonus.applied_coef() if bonus is not None else 0.0
+    sums = grpo_update(run.policy, mbs, run.groups, run.loss_spec, run.loss_type, ctx, coef)
     lr = run.schedule.lr(update_index)
-    metrics = reduce_metrics(sums, run.groups, ctx.num_microbatches, run.loss_type)
+    metrics = reduce_metrics(
+        sums, run.groups, ctx.num_microbatches, run.loss_type, run.loss_spec.objective
+    )
+    if bonus is not None:  # every rank: the same reduced metrics, so the same coefficient
+        bonus.step_done(metrics["entropy/trained"])
+        metrics["entropy_coef"] = bonus.coef  # TRL's: the coefficient for the next step
     if gradients_are_finite(run):
         set_learning_rate(run.optimizer, lr, run.recipe.training.weight_decay)
         ok, grad_norm, _ = run.optimizer.step()
@@ -192,7 +205,14 @@ def after_step(run, step: int, data, metrics: dict) -> None:
     if _due(step, t.save_strategy, t.save_steps, run):
         save_checkpoint(
             t.output_dir,
-            TrainerState(step=step, layout=_layout(run), metrics=metrics),
+            TrainerState(
+                step=step,
+                layout=_layout(run),
+                metrics=metrics,
+                extra={"entropy_bonus": run.entropy_bonus.state_dict()}
+                if run.entropy_bonus is not None
+                else {},
+            ),
             run.modules,
             run.optimizer,
             run.arch,

@@ -1,19 +1,20 @@
 """One GRPO policy update over a step's micro-batches.
 
 The loss of a micro-batch comes from logits through the fused log-prob + GRPO loss kernel
-(``megagrpo_kernels.logprob_grpo_loss``: Triton on GPU, the chunked torch reference on CPU;
-vocab-parallel over TP), then the loss type (grpo / bnpo / dr_grpo / dapo) reduces the per-token
-losses the way megatron's schedules and DP reduction expect. Metrics are summed per micro-batch
-on the last stage (token-weighted) and reduced over data-parallel ranks by ``reduce_metrics``.
+(``megagrpo_kernels.logprob_grpo_loss`` with the run's ``GRPOLossSpec``: Triton on GPU, the chunked
+torch reference on CPU; vocab-parallel over TP), then the loss type's aggregation
+(``algorithms/loss_aggregation.py``) reduces the per-token losses the way megatron's schedules and
+DP reduction expect, and the entropy bonus (``algorithms/entropy_bonus.py``) is subtracted.
+Metrics are summed per micro-batch on the last stage (token-weighted) and reduced over
+data-parallel ranks by ``reduce_metrics``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
+from megagrpo.algorithms.entropy_bonus import EntropyBonus
 from megagrpo.algorithms.loss_aggregation import BatchContext, LossType
 from megagrpo.training.forward_backward import forward_backward
 
@@ -29,44 +30,25 @@ SUM_KEYS = (
     "sampler_tokens",
     "objective",
     "sequences",
+    "phi",
+    "trained_entropy",
+    "trained_tokens",
+    "bonus",
 )
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """GRPOConfig's loss knobs, as the kernel takes them."""
-
-    temperature: float
-    epsilon_low: float
-    epsilon_high: float
-    delta: float | None
-    beta: float
-    tis_cap: float | None
-    importance_sampling_level: str
-
-    @classmethod
-    def from_config(cls, training) -> LossSettings:
-        return cls(
-            temperature=training.temperature,
-            epsilon_low=training.epsilon,
-            epsilon_high=training.epsilon_high
-            if training.epsilon_high is not None
-            else training.epsilon,
-            delta=training.delta,
-            beta=training.beta,
-            tis_cap=(
-                training.vllm_importance_sampling_cap
-                if training.vllm_importance_sampling_correction
-                else None
-            ),
-            importance_sampling_level=training.importance_sampling_level,
-        )
-
-
 def grpo_update(
-    chunks, micro_batches, groups, loss: LossSettings, loss_type: LossType, ctx: BatchContext
+    chunks,
+    micro_batches,
+    groups,
+    spec,
+    loss_type: LossType,
+    ctx: BatchContext,
+    entropy_coef: float = 0.0,
 ) -> list[torch.Tensor]:
-    """Forward and backward of every micro-batch; returns per-micro-batch metric sums [K]."""
+    """Forward and backward of every micro-batch with the loss ``spec``
+    (``megagrpo_kernels.GRPOLossSpec``) and an entropy bonus of ``entropy_coef``; returns
+    per-micro-batch metric sums [K]."""
     from megagrpo_kernels import logprob_grpo_loss
 
     tp_group = groups.tp if groups.tp_size > 1 else None
@@ -79,44 +61,58 @@ def grpo_update(
             mb.ref_logp_bl,
             mb.advantages_b,
             mb.mask_bl,
-            temperature=loss.temperature,
-            epsilon_low=loss.epsilon_low,
-            epsilon_high=loss.epsilon_high,
-            delta=loss.delta,
-            beta=loss.beta,
-            sampler_logp=mb.sampler_logp_bl if loss.tis_cap is not None else None,
-            tis_cap=loss.tis_cap,
-            importance_sampling_level=loss.importance_sampling_level,
+            spec=spec,
+            is_weight=mb.is_weight_bl,
+            sampler_logp=mb.sampler_logp_bl,
             tp_group=tp_group,
             return_entropy=True,
+            entropy_grad=entropy_coef != 0.0,
         )
-        value = loss_type.loss(out.loss, mb.mask_bl, ctx)
-        return value, {"sums": _metric_sums(mb, out, loss_type, ctx)}
+        value, bonus = micro_batch_loss(out, mb.mask_bl, loss_type, ctx, entropy_coef)
+        return value, {"sums": _metric_sums(mb, out, loss_type, ctx, bonus)}
 
     outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=False)
     return [o["sums"] for o in outputs]
 
 
+def micro_batch_loss(out, mask_bl, loss_type: LossType, ctx: BatchContext, entropy_coef: float):
+    """``(value, bonus)``: the scalar a micro-batch hands to megatron's schedule (the loss type's
+    aggregation of ``out.loss`` minus the entropy bonus) and the bonus (None without one)."""
+    value = loss_type.loss(out.loss, mask_bl, ctx)
+    if entropy_coef == 0.0:
+        return value, None
+    bonus = entropy_coef * EntropyBonus.mean_entropy(out.entropy, mask_bl, out.entropy_mask)
+    return value - bonus, bonus
+
+
 @torch.no_grad()
-def _metric_sums(mb, out, loss_type: LossType, ctx: BatchContext) -> torch.Tensor:
+def _metric_sums(mb, out, loss_type: LossType, ctx: BatchContext, bonus) -> torch.Tensor:
     mask = mb.mask_bl
     tokens = mask.sum()
-    sampler_gap = sampler_tokens = torch.zeros((), device=mask.device)
+    zero = torch.zeros((), device=mask.device)
+    sampler_gap = sampler_tokens = zero
     if mb.sampler_logp_bl is not None:
-        gap = (out.logp - mb.sampler_logp_bl).abs() * mask
+        gap = torch.nan_to_num((out.logp - mb.sampler_logp_bl).abs(), nan=0.0) * mask
         sampler_gap, sampler_tokens = gap.sum(), tokens
-    kl = out.kl_mean * tokens if out.kl_mean is not None else torch.zeros((), device=mask.device)
+    kl = out.kl_mean * tokens if out.kl_mean is not None else zero
+    entropy = out.entropy.detach()
+    trained = mask if out.entropy_mask is None else mask * out.entropy_mask.to(mask.dtype)
+    sequences = float(mask.shape[0])
     values = [
         tokens,
         kl,
-        (out.entropy * mask).sum(),
+        (entropy * mask).sum(),
         out.clip_low * tokens,
         out.clip_high * tokens,
         out.clip_region * tokens,
         sampler_gap,
         sampler_tokens,
         loss_type.objective(out.loss.detach(), mask, ctx),
-        torch.tensor(float(mask.shape[0])),
+        sequences,
+        zero if out.phi_mean is None else out.phi_mean * sequences,
+        (entropy * trained).sum(),
+        trained.sum(),
+        zero if bonus is None else bonus.detach(),
     ]
     device = mask.device
     return torch.stack(
@@ -125,9 +121,10 @@ def _metric_sums(mb, out, loss_type: LossType, ctx: BatchContext) -> torch.Tenso
 
 
 def reduce_metrics(
-    sums: list[torch.Tensor], groups, num_microbatches: int, loss_type: LossType
+    sums: list[torch.Tensor], groups, num_microbatches: int, loss_type: LossType, objective: str
 ) -> dict[str, float]:
-    """Sum over micro-batches and data-parallel ranks; every rank gets the same dict.
+    """Sum over micro-batches and data-parallel ranks; every rank gets the same dict, with
+    TRL's metric names for the loss ``objective`` ("clip", "cispo", "sapo" or "vespo").
 
     Only the last stage's TP rank 0 contributes (other ranks hold zeros), so one SUM all-reduce
     over the world group adds up the data-parallel replicas exactly once.
@@ -142,20 +139,32 @@ def reduce_metrics(
         total = total.cpu()
     s = dict(zip(SUM_KEYS, total.tolist()))
     tokens = max(s["tokens"], 1.0)
+    parts = max(num_microbatches * groups.dp_size, 1)
+    policy_loss = loss_type.combine(s["objective"], num_microbatches * groups.dp_size)
     metrics = {
         # k3 = exp(r) - r - 1 with r = ref_logp - logp, the mean over completion tokens (TRL's
-        # estimator). It estimates KL(policy || reference) only on samples of the current policy.
-        # With num_iterations > 1 (or async rollouts) the samples come from an older policy, and
-        # k3 on them is heavy-tailed: a few tokens that lost several nats carry most of it, so it
-        # can be far above the true KL. A poor health signal there; watch reward and entropy.
+        # estimator), times the ratio pi / pi_old with use_bias_correction_kl. It estimates
+        # KL(policy || reference) only on samples of the current policy. With num_iterations > 1
+        # (or async rollouts) the samples come from an older policy, and k3 on them is
+        # heavy-tailed: a few tokens that lost several nats carry most of it, so it can be far
+        # above the true KL. A poor health signal there; watch reward and entropy.
         "kl": s["kl"] / tokens,
         "entropy": s["entropy"] / tokens,
-        "clip_ratio/low_mean": s["clip_low"] / tokens,
-        "clip_ratio/high_mean": s["clip_high"] / tokens,
-        "clip_ratio/region_mean": s["clip_region"] / tokens,
-        "loss": loss_type.combine(s["objective"], num_microbatches * groups.dp_size),
+        "loss": policy_loss - s["bonus"] / parts,
         "num_tokens": s["tokens"],
+        # the entropy over the tokens the policy loss trained on (the adaptive bonus's input)
+        "entropy/trained": s["trained_entropy"] / max(s["trained_tokens"], 1.0),
     }
+    if objective == "clip":
+        metrics["clip_ratio/low_mean"] = s["clip_low"] / tokens
+        metrics["clip_ratio/high_mean"] = s["clip_high"] / tokens
+        metrics["clip_ratio/region_mean"] = s["clip_region"] / tokens
+    elif objective == "cispo":
+        metrics["cispo_clip_ratio"] = s["clip_high"] / tokens
+    elif objective == "vespo":
+        metrics["vespo/phi_seq_mean"] = s["phi"] / max(s["sequences"], 1.0)
+    if s["bonus"] != 0.0:
+        metrics["policy_loss"] = policy_loss
     if s["sampler_tokens"] > 0:
         metrics["sampler_logprob_gap"] = s["sampler_gap"] / s["sampler_tokens"]
     return metrics
