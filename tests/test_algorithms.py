@@ -101,13 +101,18 @@ MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
         ("bnpo", (1 + 2 + 3 + 10 + 20) / 5),
         ("dr_grpo", (1 + 2 + 3 + 10 + 20) / (2 * 8)),
         ("dapo", (1 + 2 + 3 + 10 + 20) / 12),
+        ("cispo", (1 + 2 + 3 + 10 + 20) / 12),
+        ("vespo", (1 + 2 + 3 + 10 + 20) / 12),
+        ("sapo", ((1 + 2 + 3) / 3 + (10 + 20) / 2) / 2),
+        ("luspo", ((1 + 2 + 3) + (10 + 20)) / 2),
     ],
 )
 def test_loss_types_hand_computed(name, expected):
     ctx = BatchContext(num_microbatches=3, dp_size=2, max_completion_length=8, global_num_tokens=12)
     lt = get_loss_type(name)
     assert lt.objective(LOSS, MASK, ctx).item() == pytest.approx(expected)
-    scale = 6 if name == "dapo" else 1  # dapo undoes megatron's / micro-batches and DP average
+    # the global token mean undoes megatron's / micro-batches and DP average
+    scale = 6 if name in ("dapo", "cispo", "vespo") else 1
     assert lt.loss(LOSS, MASK, ctx).item() == pytest.approx(expected * scale)
 
 

@@ -106,7 +106,7 @@ def test_demo_recipe_passes_the_rules_on_an_8_gpu_node():
 def test_known_unused_keys_warn_once_naming_all_of_them():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        load_recipe(DEMO, ["--use_peft", "true", "--lora_r", "8"])
+        load_recipe(DEMO, ["--use_peft", "false", "--lora_r", "8"])
     ours = [w for w in caught if issubclass(w.category, UnusedKeysWarning)]
     assert len(ours) == 1
     text = str(ours[0].message)

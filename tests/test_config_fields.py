@@ -9,6 +9,8 @@ import os
 import re
 import warnings
 
+import pytest
+
 from megagrpo.config import (
     GRPOConfig,
     GRPOScriptArguments,
@@ -127,3 +129,68 @@ def test_choice_lists_are_defined_once_and_implemented():
     assert typing.get_args(hints["scale_rewards"]) == SCALE_REWARDS
     assert typing.get_args(hints["lr_scheduler_type"]) == LR_SCHEDULERS
     assert tuple(LOSS_TYPES) == LOSS_TYPE_NAMES  # every choice has its implementation
+
+
+def _trl_fields():
+    """(class name, field name, default) of TRL's GRPOConfig, ModelConfig and ScriptArguments."""
+    import trl
+
+    for cls in (trl.GRPOConfig, trl.ModelConfig, trl.ScriptArguments):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = dataclasses.MISSING
+            yield cls.__name__, f.name, default
+
+
+def test_every_trl_field_is_implemented_harmless_or_refused():
+    """Each field of TRL 1.16's configs is a megagrpo field (or an alias of one), a key listed
+    as unable to change training, or a refused key whose TRL default is accepted; so a TRL
+    recipe can never train a different algorithm than it asks for without an error."""
+    from megagrpo.config.known_keys import (
+        KEY_ALIASES,
+        REFUSED_UNLESS,
+        UNUSED_KEYS,
+        UNUSED_PREFIXES,
+        refusal,
+    )
+    from megagrpo.config.recipe import FIELD_SECTION
+
+    unclassified, refused_default = [], []
+    for cls, name, default in _trl_fields():
+        if name in FIELD_SECTION or name in KEY_ALIASES:
+            continue
+        if name in REFUSED_UNLESS:
+            if default is not dataclasses.MISSING and refusal(name, default) is not None:
+                refused_default.append(f"{cls}.{name}={default!r}")
+            continue
+        if name in UNUSED_KEYS or name.startswith(UNUSED_PREFIXES):
+            continue
+        unclassified.append(f"{cls}.{name}")
+    assert not unclassified, f"TRL fields megagrpo neither implements nor lists: {unclassified}"
+    assert not refused_default, f"refused keys whose TRL default is refused: {refused_default}"
+
+
+def test_refused_keys_error_at_other_values_and_pass_at_their_default(tmp_path):
+    """A key megagrpo does not implement that would change training is an error naming it,
+    unless it holds its default; harmless keys only warn."""
+    from megagrpo.config import ConfigError, load_recipe
+    from megagrpo.config.errors import UnusedKeysWarning
+
+    base = ["--model_name_or_path", "m", "--dataset_name", "d"]
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, [*base, "--use_peft", "true", "--optim", "sgd", "--data_seed", "3"])
+    text = str(err.value)
+    assert "use_peft=True: megagrpo does not implement use_peft" in text
+    assert "optim='sgd': megagrpo does not implement optim" in text
+    assert "data_seed=3" in text and "[command line]" in text
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = load_recipe(
+            None, [*base, "--use_peft", "false", "--optim", "adamw_torch", "--lora_r", "8"]
+        )
+    assert set(r.unused) == {"use_peft", "optim", "lora_r"}
+    assert any(issubclass(w.category, UnusedKeysWarning) for w in caught)

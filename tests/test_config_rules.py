@@ -149,8 +149,40 @@ def test_base_recipe_is_valid():
         (["--vllm_gpu_memory_utilization", "1.2"], ["vllm_gpu_memory_utilization=1.2"]),
         (["--vllm_server_port", "70000"], ["vllm_server_port=70000 must be in [1, 65535]"]),
         (
-            ["--vllm_importance_sampling_cap", "0.5"],
-            ["vllm_importance_sampling_cap=0.5 must be >= 1"],
+            ["--vllm_importance_sampling_cap", "0.5", "--vllm_importance_sampling_clip_min", "0.5"],
+            [
+                "vllm_importance_sampling_clip_min=0.5 must be < vllm_importance_sampling_clip_max=0.5"
+            ],
+        ),
+        (
+            ["--vllm_importance_sampling_clip_max", "-1"],
+            ["vllm_importance_sampling_clip_max=-1.0 must be > 0"],
+        ),
+        (
+            [
+                "--vllm_importance_sampling_mode",
+                "token_truncate",
+                "--vllm_importance_sampling_clip_max",
+                "null",
+            ],
+            [
+                "vllm_importance_sampling_mode='token_truncate' needs vllm_importance_sampling_clip_min"
+            ],
+        ),
+        (
+            ["--loss_type", "vespo"],
+            ["loss_type='vespo' with vllm_importance_sampling_mode='sequence_mask'"],
+        ),
+        (["--top_entropy_quantile", "1.5"], ["top_entropy_quantile=1.5 must be in [0, 1]"]),
+        (["--sapo_temperature_neg", "0"], ["sapo_temperature_neg=0.0 must be > 0"]),
+        (["--vespo_k_pos", "-1"], ["vespo_k_pos=-1.0 must be >= 0"]),
+        (
+            ["--use_adaptive_entropy", "--entropy_coef_min", "0.5", "--entropy_coef_max", "0.1"],
+            ["entropy_coef_min=0.5 and entropy_coef_max=0.1 must satisfy 0 <= min <= max"],
+        ),
+        (
+            ["--use_adaptive_entropy", "--entropy_coef_delta", "-0.1"],
+            ["entropy_coef_delta=-0.1 must be >= 0"],
         ),
         (
             ["--vllm_max_model_length", "1000"],

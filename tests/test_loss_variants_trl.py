@@ -27,7 +27,7 @@ from _kernel_backends import (  # before triton is imported: its interpreter wit
     run_triton_cases_in_fresh_process,
 )
 
-trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402  (the dev extra installs TRL)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 from megagrpo_kernels import logprob_grpo_loss  # noqa: E402

@@ -82,7 +82,7 @@ def _causal_toy_logits(ids_bl, emb_vh, out_hv):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_fp8_padding_is_masked_out_of_the_loss(loss_type, level):
     """The FP8 padding (L from 5 to 16) changes neither the loss nor its gradient."""
-    from megagrpo_kernels import logprob_grpo_loss
+    from megagrpo_kernels import GRPOLossSpec, logprob_grpo_loss
 
     from megagrpo.algorithms.loss_aggregation import BatchContext, get_loss_type
 
@@ -111,8 +111,7 @@ def test_fp8_padding_is_masked_out_of_the_loss(loss_type, level):
                 mb.sampler_logp_bl.double() - 0.05,  # reference log-probs
                 mb.advantages_b.double(),
                 mb.mask_bl,
-                beta=0.04,
-                importance_sampling_level=level,
+                spec=GRPOLossSpec(beta=0.04, importance_sampling_level=level),
                 backend="torch",
             )
             total = total + kind.loss(out.loss, mb.mask_bl, ctx)

@@ -20,9 +20,11 @@ from megagrpo.config.coerce import build_dataclass, unknown_key_message
 from megagrpo.config.errors import ConfigError, UnusedKeysWarning
 from megagrpo.config.known_keys import (
     KEY_ALIASES,
+    REFUSED_UNLESS,
     UNREAD_FIELDS,
     UNUSED_KEYS,
     is_known_unused,
+    refusal,
 )
 from megagrpo.config.megatron import MegatronConfig
 from megagrpo.config.model import ModelConfig
@@ -133,7 +135,7 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
     from_cli = _canonical_keys(parse_overrides(list(overrides or [])), "command line")
     merged = {**from_file, **from_cli}
 
-    known = list(FIELD_SECTION) + sorted(UNUSED_KEYS) + list(KEY_ALIASES)
+    known = list(FIELD_SECTION) + sorted(UNUSED_KEYS) + list(REFUSED_UNLESS) + list(KEY_ALIASES)
     sources = {key: "command line" if key in from_cli else str(path) for key in merged}
     per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     unused: dict[str, Any] = {}
@@ -142,6 +144,9 @@ def load_recipe(path: str | None, overrides: list[str] | None = None) -> Recipe:
         if key in FIELD_SECTION:
             per_section[FIELD_SECTION[key]][key] = value
         elif is_known_unused(key):
+            why = refusal(key, value)
+            if why is not None:
+                errors.append(f"{why} [{sources[key]}]")
             unused[key] = value
         else:
             errors.append(f"{unknown_key_message(key, key, known)} [{sources[key]}]")
