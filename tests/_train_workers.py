@@ -102,6 +102,20 @@ def update_worker(
     """One GRPO update through megatron's schedules with the loss ``spec`` (and the sampler
     importance weight ``sampling``, an ``ImportanceSampling``); returns DP-reduced metrics and
     gradients (full tensors, re-assembled over TP) of a few parameters, from the last stage."""
+    (result,) = updates_worker(
+        hf_dir, tp, pp, batch, [(loss_type_name, spec, need_old, entropy_coef, sampling)]
+    )
+    return result
+
+
+def updates_worker(hf_dir, tp, pp, batch, cases):
+    """``update_worker`` for each ``(loss_type, spec, need_old, entropy_coef, sampling)`` of
+    ``cases`` on one model (gradients only, no optimizer step): one launch, many updates."""
+    _, groups, chunks, ddp, _ = _setup(hf_dir, tp, pp)
+    return [_update(groups, chunks, ddp, batch, *case) for case in cases]
+
+
+def _update(groups, chunks, ddp, batch, loss_type_name, spec, need_old, entropy_coef, sampling):
     import torch.distributed as dist
 
     from megagrpo.algorithms.loss_aggregation import get_loss_type
@@ -110,8 +124,7 @@ def update_worker(
     from megagrpo.training.loop import batch_context
     from megagrpo.training.policy_update import grpo_update, reduce_metrics
 
-    arch, groups, chunks, ddp, opt = _setup(hf_dir, tp, pp)
-
+    tp = groups.tp_size
     mbs = make_micro_batches(batch, 2, pad_token_id=0)
     ctx = batch_context(mbs, groups, torch.device("cpu"), max_completion_length=8)
     if need_old:

@@ -151,7 +151,8 @@ def test_base_recipe_is_valid():
         (
             ["--vllm_importance_sampling_cap", "0.5", "--vllm_importance_sampling_clip_min", "0.5"],
             [
-                "vllm_importance_sampling_clip_min=0.5 must be < vllm_importance_sampling_clip_max=0.5"
+                "vllm_importance_sampling_clip_min=0.5 must be < "
+                "vllm_importance_sampling_clip_max=0.5"
             ],
         ),
         (
@@ -166,7 +167,8 @@ def test_base_recipe_is_valid():
                 "null",
             ],
             [
-                "vllm_importance_sampling_mode='token_truncate' needs vllm_importance_sampling_clip_min"
+                "vllm_importance_sampling_mode='token_truncate' needs "
+                "vllm_importance_sampling_clip_min"
             ],
         ),
         (

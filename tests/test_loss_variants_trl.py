@@ -19,24 +19,22 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
-import torch  # noqa: E402
+import torch
 from _kernel_backends import (  # before triton is imported: its interpreter without CUDA
     NO_TRITON,
     TRITON_OK,
     only_without_triton_here,
     run_triton_cases_in_fresh_process,
 )
+from megagrpo_kernels import logprob_grpo_loss
 
-import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402  (the dev extra installs TRL)
+from megagrpo.algorithms.importance_sampling import ImportanceSampling
+from megagrpo.algorithms.loss_aggregation import BatchContext, get_loss_type
+from megagrpo.algorithms.loss_variants import loss_spec
+from megagrpo.config.training import LOSS_TYPE_NAMES, GRPOConfig
+from megagrpo.training.policy_update import micro_batch_loss
+
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-from megagrpo_kernels import logprob_grpo_loss  # noqa: E402
-
-from megagrpo.algorithms.importance_sampling import ImportanceSampling  # noqa: E402
-from megagrpo.algorithms.loss_aggregation import BatchContext, get_loss_type  # noqa: E402
-from megagrpo.algorithms.loss_variants import loss_spec  # noqa: E402
-from megagrpo.config.training import LOSS_TYPE_NAMES, GRPOConfig  # noqa: E402
-from megagrpo.training.policy_update import micro_batch_loss  # noqa: E402
 
 B, T, V = 6, 7, 13
 TEMPERATURE = 0.8
@@ -71,6 +69,7 @@ def _trl_is_ratio(old, sampler, mask, mode):
 
 def _trl_loss(cfg: GRPOConfig, logits, ids, mask, old, sampler, ref, adv, is_ratio):
     """TRL's ``_compute_loss`` on a bare GRPOTrainer; returns (loss, metrics)."""
+    import trl.trainer.grpo_trainer as trl_grpo  # after _kernel_backends: it imports triton
     from accelerate import Accelerator
 
     trainer = object.__new__(trl_grpo.GRPOTrainer)

@@ -3,10 +3,12 @@ the loss written out as TRL writes it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from _multiproc import run_ranks
-from _train_workers import update_worker
+from _train_workers import update_worker, updates_worker
 from megagrpo_kernels import GRPOLossSpec
 
 from megagrpo.training.batch import CompletionBatch
@@ -104,3 +106,56 @@ def test_old_logprob_pass_gives_ratio_one(tiny_checkpoint):
         rtol=1e-4,
         atol=1e-7,
     )
+
+
+def _variants():
+    """One loss type per family, each with the sampler weight, a mask and (some) a bonus."""
+    from megagrpo.algorithms.importance_sampling import ImportanceSampling
+
+    token_mask = ImportanceSampling("token_mask", 0.5, 2.0)
+    seq_trunc = ImportanceSampling("sequence_truncate", 0.5, 2.0)
+    spec = GRPOLossSpec(temperature=0.7, epsilon_high=0.28)
+    return [
+        ("luspo", replace(spec, importance_sampling_level="sequence"), True, 0.0, seq_trunc),
+        (
+            "cispo",
+            replace(spec, objective="cispo", epsilon_high=2.0, top_entropy_quantile=0.5),
+            True,
+            0.01,
+            token_mask,
+        ),
+        (
+            "sapo",
+            replace(spec, objective="sapo", off_policy_mask_threshold=0.05),
+            True,
+            0.0,
+            token_mask,
+        ),
+        ("vespo", replace(spec, objective="vespo"), True, 0.01, token_mask),
+    ]
+
+
+def test_loss_variants_tp2_equal_one_process(tiny_checkpoint):
+    """A TP=2 update of one loss type per family (clip/luspo, cispo, sapo, vespo), with their
+    masks, sampler weights and entropy bonus, equals the one-process update."""
+    hf_dir = tiny_checkpoint("qwen2")
+    batch = _batch()
+    g = torch.Generator().manual_seed(8)  # sampler log-probs near the model's (~ -log 105)
+    batch.sampler_logprobs = [
+        (-4.6 + 0.3 * torch.randn(len(c), generator=g)).tolist() for c in batch.completion_ids
+    ]
+    cases = _variants()
+    one = run_ranks(1, updates_worker, hf_dir, 1, 1, batch, cases)[0]
+    two = run_ranks(2, updates_worker, hf_dir, 2, 1, batch, cases)[0]
+    for (name, *_), a, b in zip(cases, one, two):
+        for key, value in a["metrics"].items():
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+        assert a["grads"]["decoder.final_layernorm.weight"].abs().max() > 1e-5, name
+        for key in ("decoder.final_layernorm.weight", "3:self_attention.linear_proj.weight"):
+            torch.testing.assert_close(
+                b["grads"][key],
+                a["grads"][key],
+                rtol=1e-4,
+                atol=1e-7,
+                msg=lambda m, name=name: f"{name}: {m}",
+            )
