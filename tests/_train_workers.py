@@ -214,7 +214,8 @@ def faulty_demo_worker(demo_dir, out_dir, overrides, fault: str, at: int):
 
 def kl_recording_demo_worker(demo_dir, out_dir, overrides):
     """demo_run_worker that also recomputes, before every policy update, the k3 estimator of
-    KL(policy || reference) on that update's completion tokens, with plain torch: float64
+    KL(policy || reference) on that update's completion tokens (times the ratio to the old
+    policy with use_bias_correction_kl), with plain torch: float64
     log-softmax of the policy's logits (not the fused kernel that computes the logged ``kl``)
     against the reference log-probs the loop filled in. Returns ``(history, k3 per update)``."""
     from megagrpo.training import loop
@@ -233,6 +234,8 @@ def kl_recording_demo_worker(demo_dir, out_dir, overrides):
                 logp_bl = logp_blv.gather(-1, mb.targets_bl.unsqueeze(-1)).squeeze(-1)
                 diff_bl = mb.ref_logp_bl.double() - logp_bl
                 k3_bl = torch.exp(diff_bl) - diff_bl - 1
+                if loss.kl_bias_correction:  # TRL's use_bias_correction_kl: times pi / pi_old
+                    k3_bl = k3_bl * torch.exp(logp_bl - mb.old_logp_bl.double())
                 k3_sum += float((k3_bl * mb.mask_bl).sum())
                 tokens += float(mb.mask_bl.sum())
             for c in chunks:

@@ -259,11 +259,9 @@ def test_gradients_are_finite_is_one_fused_check(bad_value):
         if target is not None:
             with_grad[target].main_grad.view(-1)[-1] = bad_value
         before = [p.main_grad.clone() for p in with_grad]
-        run = types.SimpleNamespace(
-            policy=chunks, device="cpu", groups=types.SimpleNamespace(world_size=1)
-        )
+        groups = types.SimpleNamespace(world_size=1)
         with _CountHostSyncs() as syncs:
-            finite = gradients_are_finite(run)
+            finite = gradients_are_finite(chunks, groups, "cpu")
         assert finite is (target is None) is _old_gradients_are_finite(chunks)
         assert syncs.calls == ["item"]  # one device-to-host copy, not one per parameter
         for p, b in zip(with_grad, before):  # the check leaves the gradients as they were

@@ -189,6 +189,42 @@ def test_async_reference_model_and_iterations(demo_dir, tmp_path):
         assert h["kl"] == pytest.approx((first + second) / 2, rel=1e-4, abs=1e-9)
 
 
+def test_loss_variant_with_masks_and_adaptive_entropy_trains(demo_dir, tmp_path):
+    """cispo with the top-entropy mask, the off-policy mask, the token-masked sampler weight and
+    the adaptive entropy bonus trains end to end; the coefficient follows the controller's rule
+    from the logged entropy, and its state is saved with the checkpoint."""
+    out = tmp_path / "v"
+    coef, delta, target = 0.01, 0.004, 0.5
+    hist = _only(
+        run_ranks(
+            1,
+            demo_run_worker,
+            demo_dir,
+            str(out),
+            ["--eval_strategy", "no", "--log_completions", "false", "--max_steps", "3"]
+            + ["--save_steps", "3", "--loss_type", "cispo", "--epsilon_high", "4.0"]
+            + ["--top_entropy_quantile", "0.5", "--off_policy_mask_threshold", "0.2"]
+            + ["--vllm_importance_sampling_mode", "token_mask"]
+            + ["--use_adaptive_entropy", "--entropy_coef", str(coef)]
+            + ["--entropy_coef_delta", str(delta), "--entropy_target", str(target)],
+        )
+    )
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    for h in hist:
+        assert 0.0 <= h["cispo_clip_ratio"] <= 1.0 and "clip_ratio/region_mean" not in h
+        assert 0.0 < h["entropy/trained"] and abs(h["loss"]) < 10
+    expected = coef
+    for h in hist:  # one optimizer step per training step
+        step = delta if h["entropy/trained"] <= target else -delta
+        expected = min(max(expected + step, 0.0), 1.0)
+        assert h["entropy_coef"] == pytest.approx(expected)
+    state = json.load(open(out / "checkpoint-3" / "trainer_state.json"))
+    assert state["extra"]["entropy_bonus"]["entropy_coef"] == pytest.approx(expected)
+    assert state["extra"]["entropy_bonus"]["last_entropy"] == pytest.approx(
+        hist[-1]["entropy/trained"]
+    )
+
+
 def test_missing_prompt_column_is_reported_before_anything_runs(demo_dir, tmp_path):
     from megagrpo.data.prompts import PromptError
 

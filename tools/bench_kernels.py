@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 TEMPERATURE = 0.9
-LOSS_KW = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.04)
+LOSS_KW = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.04)  # as Liger takes them: plain k3
 GiB = 1024**3
 
 
@@ -124,7 +124,9 @@ def logprob_methods(compiled):
 
 def loss_methods(n: int, v: int):
     """``{name: (fn, make_args)}``; inputs are built per method so that only one set is alive."""
-    from megagrpo_kernels import logprob_grpo_loss
+    from megagrpo_kernels import GRPOLossSpec, logprob_grpo_loss
+
+    spec = GRPOLossSpec(temperature=TEMPERATURE, kl_bias_correction=False, **LOSS_KW)
 
     def ours(x, t, old, ref, adv, mask):
         return logprob_grpo_loss(
@@ -134,10 +136,9 @@ def loss_methods(n: int, v: int):
             ref,
             adv,
             mask,
-            temperature=TEMPERATURE,
+            spec=spec,
             backend="triton",
             validate=False,
-            **LOSS_KW,
         ).loss
 
     methods = {"megagrpo fused loss": (ours, lambda: make_inputs(n, v))}

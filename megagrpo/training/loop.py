@@ -125,7 +125,7 @@ def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, 
     if bonus is not None:  # every rank: the same reduced metrics, so the same coefficient
         bonus.step_done(metrics["entropy/trained"])
         metrics["entropy_coef"] = bonus.coef  # TRL's: the coefficient for the next step
-    if gradients_are_finite(run):
+    if gradients_are_finite(run.policy, run.groups, run.device):
         set_learning_rate(run.optimizer, lr, run.recipe.training.weight_decay)
         ok, grad_norm, _ = run.optimizer.step()
         finish_param_gather(run.policy)  # weight push, save, eval and export read them next
@@ -139,22 +139,23 @@ def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, 
     return metrics
 
 
-def gradients_are_finite(run) -> bool:
-    """Whether every gradient on every rank is finite: one fused device-side check over all
-    ``main_grad`` buffers, one MAX all-reduce over the world, one device-to-host copy."""
+def gradients_are_finite(policy, groups, device) -> bool:
+    """Whether every gradient of the (DDP-wrapped) ``policy`` on every rank is finite: one fused
+    device-side check over all ``main_grad`` buffers, one MAX all-reduce over the world, one
+    device-to-host copy."""
     grads = [
         p.main_grad
-        for m in run.policy
+        for m in policy
         for p in m.parameters()
         if getattr(p, "main_grad", None) is not None
     ]
-    bad = torch.zeros(1, device=run.device)
+    bad = torch.zeros(1, device=device)
     if grads:
         # The multi-tensor kernel megatron's fp16 optimizer and torch's GradScaler use: sets
         # ``bad`` to 1 if any element is NaN or +-Inf; multiplying by 1.0 leaves the grads as
         # they are.
         torch._amp_foreach_non_finite_check_and_unscale_(grads, bad, torch.ones_like(bad))
-    if run.groups.world_size > 1:
+    if groups.world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0
 
@@ -170,13 +171,14 @@ def push_weights(run, *, version: int, direct: bool = False) -> None:
 def after_step(run, step: int, data, metrics: dict) -> None:
     """Evaluation, logging, completion tables and checkpoints after an optimizer step."""
     t = run.recipe.training
-    evaluated = _due(step, t.eval_strategy, t.eval_steps or t.logging_steps, run)
+    span = (run.total_steps, run.steps_per_epoch)
+    evaluated = _due(step, t.eval_strategy, t.eval_steps or t.logging_steps, *span)
     if evaluated:
         from megagrpo.training.evaluation import evaluate
 
         metrics.update(evaluate(run) or {})
     first = step == 1 and t.logging_first_step
-    if run.groups.rank == 0 and (_due(step, "steps", t.logging_steps, run) or first or evaluated):
+    if run.groups.rank == 0 and (_due(step, "steps", t.logging_steps, *span) or first or evaluated):
         run.logger.log(step, metrics)
         if t.log_completions:
             from megagrpo.monitoring.completions_table import write_completions_table
@@ -202,12 +204,12 @@ def after_step(run, step: int, data, metrics: dict) -> None:
                     data.advantages_n.tolist(),
                     t.num_completions_to_print,
                 )
-    if _due(step, t.save_strategy, t.save_steps, run):
+    if _due(step, t.save_strategy, t.save_steps, *span):
         save_checkpoint(
             t.output_dir,
             TrainerState(
                 step=step,
-                layout=_layout(run),
+                layout=_layout(run.groups),
                 metrics=metrics,
                 extra={"entropy_bonus": run.entropy_bonus.state_dict()}
                 if run.entropy_bonus is not None
@@ -249,16 +251,16 @@ def export_final_model(run) -> str:
     return final
 
 
-def _due(step: int, strategy: str, every, run) -> bool:
+def _due(step: int, strategy: str, every, total_steps: int, steps_per_epoch: int) -> bool:
     """Whether an event with HF's strategy ("no" / "steps" / "epoch") happens after ``step``;
     "steps" and "epoch" events also happen at the last step."""
     if strategy == "no":
         return False
-    if step == run.total_steps:
+    if step == total_steps:
         return True
     if strategy == "epoch":
-        return step % run.steps_per_epoch == 0
-    return step % _every(every, run.total_steps) == 0
+        return step % steps_per_epoch == 0
+    return step % _every(every, total_steps) == 0
 
 
 def _every(value, total: int) -> int:
@@ -266,8 +268,7 @@ def _every(value, total: int) -> int:
     return max(1, round(value * total) if value < 1 else int(value))
 
 
-def _layout(run) -> dict:
-    g = run.groups
+def _layout(g) -> dict:
     return {"tp": g.tp_size, "pp": g.pp_size, "vpp": g.vpp_size, "cp": g.cp_size, "dp": g.dp_size}
 
 
