@@ -12,6 +12,7 @@ KEY_ALIASES: dict[str, str] = {
     "dtype": "torch_dtype",  # TRL's ModelConfig renamed torch_dtype to dtype
     "evaluation_strategy": "eval_strategy",  # transformers' old name
     "vllm_importance_sampling_clip_max": "vllm_importance_sampling_cap",  # TRL's new name
+    "eval_num_generations": "num_generations_eval",  # megagrpo's old name
 }
 
 #: Prefixes of whole families of unused keys.
@@ -49,13 +50,12 @@ UNUSED_KEYS: frozenset[str] = frozenset(
     # TRL GRPOConfig
     + """
     model_init_kwargs router_aux_loss_coef disable_dropout cast_lm_head_to_fp32 use_liger_loss
-    num_generations_eval ds3_gather_for_generation shuffle_dataset pad_to_multiple_of
-    generation_batch_size steps_per_generation generation_kwargs chat_template_kwargs
+    ds3_gather_for_generation shuffle_dataset pad_to_multiple_of
+    generation_kwargs chat_template_kwargs
     cache_implementation vllm_model_impl vllm_structured_outputs_regex vllm_guided_decoding_regex
     vllm_server_base_url vllm_group_port vllm_device vllm_dtype
     sapo_temperature_neg sapo_temperature_pos vespo_k_pos vespo_lambda_pos vespo_k_neg
-    vespo_lambda_neg multi_objective_aggregation sync_ref_model ref_model_mixup_alpha
-    ref_model_sync_steps top_entropy_quantile entropy_coef use_adaptive_entropy entropy_coef_min
+    vespo_lambda_neg top_entropy_quantile entropy_coef use_adaptive_entropy entropy_coef_min
     entropy_coef_max entropy_coef_delta entropy_target max_tool_calling_iterations
     vllm_importance_sampling_mode vllm_importance_sampling_clip_min off_policy_mask_threshold
     use_bias_correction_kl log_multimodal log_unique_prompts log_completions_hub_repo

@@ -28,9 +28,11 @@ from megagrpo.monitoring.log_levels import apply_log_level
 from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
 from megagrpo.training.checkpoint import (
     load_checkpoint,
+    load_reference,
     remove_interrupted_saves,
     resolve_resume,
 )
+from megagrpo.training.generation_steps import GenerationSchedule
 from megagrpo.training.lr_schedule import LRSchedule, schedule_from_config
 from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
 from megagrpo.training.policy_update import LossSettings
@@ -57,9 +59,12 @@ class Run:
     reference: ReferenceModel | None
     logger: MetricsLogger
     total_steps: int
+    """Optimizer steps of the run (TRL's count)."""
     start_step: int
     micro_batch_size: int
     steps_per_epoch: int
+    """Optimizer steps per pass over the prompts."""
+    generation: GenerationSchedule
     data: Any = None
     """Ranks holding an engine: the prompt data (``megagrpo.training.prompt_data.PromptData``)."""
     rollout: Any = None
@@ -77,7 +82,11 @@ class Run:
     @property
     def needs_old_logprobs(self) -> bool:
         t = self.recipe.training
-        return t.num_iterations > 1 or t.async_max_staleness > 0 or self.loss.tis_cap is not None
+        return (
+            self.generation.updates_per_generation > 1  # num_iterations / steps_per_generation
+            or t.async_max_staleness > 0
+            or self.loss.tis_cap is not None
+        )
 
 
 def resolve_model_dir(name: str, revision: str = "main") -> str:
@@ -126,9 +135,9 @@ def _broadcast_from_rank0(value, groups):
     return box[0]
 
 
-def _resume(t, modules, optimizer, arch, groups, resolved) -> int:
-    """Load the checkpoint to resume from, if any (removing interrupted saves first); returns
-    the step to start at."""
+def _resume(t, modules, optimizer, arch, groups, resolved, reference) -> int:
+    """Load the checkpoint to resume from, if any (removing interrupted saves first), and a
+    synced reference model saved with it; returns the step to start at."""
     if groups.rank == 0:
         for name in remove_interrupted_saves(t.output_dir):
             print(f"removed {name}: a checkpoint save that was interrupted", flush=True)
@@ -143,6 +152,8 @@ def _resume(t, modules, optimizer, arch, groups, resolved) -> int:
         groups,
         distributed_optimizer=resolved.use_distributed_optimizer and torch.cuda.is_available(),
     )
+    if reference is not None and load_reference(checkpoint, reference.chunks, arch, groups):
+        reference.synced = True
     return state.step
 
 
@@ -198,7 +209,15 @@ def build_run(recipe: Recipe) -> Run:
         load_hf_weights(ref, source, arch, groups)
         reference = ReferenceModel(ref, offload=t.ref_model_offload)
 
-    start_step = _resume(t, modules, optimizer, arch, groups, resolved)
+    start_step = _resume(t, modules, optimizer, arch, groups, resolved, reference)
+    generation = GenerationSchedule.from_config(t, groups.dp_size)
+    if start_step % generation.updates_per_generation and start_step < total_steps:
+        raise ValueError(
+            f"resuming after optimizer step {start_step}, inside a generation batch of "
+            f"{generation.updates_per_generation} steps (steps_per_generation / "
+            "gradient_accumulation_steps x num_iterations): resume with the settings the "
+            "checkpoint was written with"
+        )
     run = Run(
         recipe=recipe,
         groups=groups,
@@ -208,7 +227,7 @@ def build_run(recipe: Recipe) -> Run:
         modules=modules,
         policy=policy,
         optimizer=optimizer,
-        schedule=schedule_from_config(t, total_steps * t.num_iterations),
+        schedule=schedule_from_config(t, total_steps),
         loss_type=get_loss_type(t.loss_type),
         loss=LossSettings.from_config(t),
         reference=reference,
@@ -217,6 +236,7 @@ def build_run(recipe: Recipe) -> Run:
         start_step=start_step,
         micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
         steps_per_epoch=steps_per_epoch,
+        generation=generation,
         data=data,
     )
     if share is not None:
