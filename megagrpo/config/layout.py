@@ -110,10 +110,12 @@ def _check_generation_batch(t, dp: int, errors: list[str]) -> None:
             "optimizer steps"
         )
     per_rank = t.per_device_train_batch_size * spg
+    defaulted = t.steps_per_generation is None and t.generation_batch_size is None
+    steps = f"{'gradient_accumulation_steps' if defaulted else 'steps_per_generation'}={spg}"
     if per_rank % t.num_generations:
         errors.append(
             f"the generation batch per_device_train_batch_size={t.per_device_train_batch_size} x "
-            f"steps_per_generation={spg} x DP={dp} = {per_rank * dp} completions must be "
+            f"{steps} x DP={dp} = {per_rank * dp} completions must be "
             f"divisible by num_generations={t.num_generations} x DP={dp} = "
             f"{t.num_generations * dp}: every data-parallel rank must hold whole groups"
         )
