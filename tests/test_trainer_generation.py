@@ -80,6 +80,13 @@ def test_each_static_rule_names_the_field(argv, expected):
     assert expected in str(info.value)
 
 
+def test_sync_ref_model_refuses_fp8_reference_parameters():
+    r = _recipe("--beta", "0.1", "--sync_ref_model", "true", "--fp8", "e4m3")
+    r.megatron.fp8_param_gather = r.megatron.use_distributed_optimizer = True
+    with pytest.raises(ConfigError, match="sync_ref_model=True with fp8_param_gather=True"):
+        validate_recipe(r)
+
+
 def test_an_unknown_aggregation_is_refused_with_the_choices():
     with pytest.raises(ConfigError, match="multi_objective_aggregation.*normalize_then_sum"):
         _recipe("--multi_objective_aggregation", "mean")

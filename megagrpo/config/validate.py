@@ -399,6 +399,11 @@ def _check_reference_sync(recipe: Recipe, errors: list[str]) -> None:
             "share of the synced reference"
         )
     _at_least(errors, "ref_model_sync_steps", t.ref_model_sync_steps, 1)
+    if t.sync_ref_model and recipe.megatron.fp8_param_gather:
+        errors.append(
+            "sync_ref_model=True with fp8_param_gather=True: mixing the policy into FP8 reference "
+            "parameters in place is not implemented; set fp8_param_gather: false"
+        )
 
 
 def _check_reward_aggregation(recipe: Recipe, errors: list[str]) -> None:
