@@ -323,15 +323,15 @@ class GRPOConfig:
     )
 
     # ---- generation batches, evaluation samples, reference sync, reward aggregation ----
-    # (TRL 1.16's names, defaults and rules; docs/algorithms.md and training/generation_steps.py)
+    # (TRL 1.16's names, defaults and rules; docs/config.md and training/generation_steps.py)
     steps_per_generation: int | None = option(
         None,
         help="Micro-steps (of per_device_train_batch_size completions per rank) one generation "
         "batch feeds, as in TRL: the batch is shuffled and split into steps_per_generation / "
-        "gradient_accumulation_steps consecutive optimizer steps. None: gradient_accumulation_"
-        "steps (one optimizer step per generation). Must be a multiple of gradient_accumulation_"
-        "steps (megagrpo trains whole optimizer steps per generation). Set this or "
-        "generation_batch_size.",
+        "gradient_accumulation_steps consecutive optimizer steps. None: "
+        "gradient_accumulation_steps (one optimizer step per generation). Must be a multiple of "
+        "gradient_accumulation_steps (megagrpo trains whole optimizer steps per generation). "
+        "Set this or generation_batch_size.",
     )
     generation_batch_size: int | None = option(
         None,
