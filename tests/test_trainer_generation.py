@@ -359,3 +359,12 @@ def test_sync_ref_model_mixes_the_policy_in_and_resumes_with_it(demo_dir, tmp_pa
     )
     assert start == 3 and synced
     assert all(torch.equal(a, b) for a, b in zip(resumed_ref, final_ref))
+    # step 3 is inside a generation batch of 2 optimizer steps (num_iterations 2): refused
+    with pytest.raises(AssertionError, match="after optimizer step 3, inside a generation batch"):
+        run_ranks(
+            1,
+            built_reference_worker,
+            demo_dir,
+            out,
+            SMALL + sync + ["--max_steps", "4", "--num_iterations", "2"],
+        )
