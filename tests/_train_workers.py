@@ -245,3 +245,110 @@ def kl_recording_demo_worker(demo_dir, out_dir, overrides):
 
     loop.grpo_update = grpo_update
     return demo_run_worker(demo_dir, out_dir, overrides), k3_per_update
+
+
+def _policy_logp(chunks, mb, temperature):
+    """float64 log-probs of ``mb``'s targets under the policy (plain torch, no kernel)."""
+    logits_blv = chunks[0](mb.input_ids_bl, None, attention_mask=None)
+    logp_blv = torch.log_softmax(logits_blv.double() / temperature, dim=-1)
+    return logp_blv.gather(-1, mb.targets_bl.unsqueeze(-1)).squeeze(-1)
+
+
+def generation_recording_demo_worker(demo_dir, out_dir, overrides):
+    """demo_run_worker that records every generation batch (its prompt rows, rewards [N, K],
+    weights and advantages) and, before every policy update, what the update trains on: its
+    completions' advantages, its token count, the loss context, and the largest gap between the
+    policy's log-probs and the old log-probs the loop filled in (None when none were).
+    Returns ``(history, {"generations": [...], "updates": [...]})``."""
+    from megagrpo.training import loop
+
+    record = {"generations": [], "updates": []}
+    original_broadcast, original_update = loop.broadcast_step, loop.grpo_update
+
+    def broadcast_step(data, groups):
+        out = original_broadcast(data, groups)
+        record["generations"].append(
+            {
+                "rows": list(out.prompt_rows),
+                "rewards_nk": out.rewards_nk.clone(),
+                "advantages_n": out.advantages_n.clone(),
+                "completion_ids": [list(c) for c in out.completion_ids],
+            }
+        )
+        return out
+
+    def grpo_update(chunks, micro_batches, groups, loss, loss_type, ctx):
+        gap = None
+        with torch.no_grad():
+            for c in chunks:
+                c.eval()
+            if micro_batches[0].old_logp_bl is not None:
+                gaps = [
+                    (_policy_logp(chunks, mb, loss.temperature) - mb.old_logp_bl) * mb.mask_bl
+                    for mb in micro_batches
+                ]
+                gap = max(float(g.abs().max()) for g in gaps)
+            for c in chunks:
+                c.train()
+        record["updates"].append(
+            {
+                "advantages": torch.cat([mb.advantages_b for mb in micro_batches]).clone(),
+                "completions": sum(mb.input_ids_bl.shape[0] for mb in micro_batches),
+                "tokens": sum(mb.num_tokens for mb in micro_batches),
+                "global_num_tokens": ctx.global_num_tokens,
+                "num_microbatches": ctx.num_microbatches,
+                "old_logp_gap": gap,
+            }
+        )
+        return original_update(chunks, micro_batches, groups, loss, loss_type, ctx)
+
+    loop.broadcast_step, loop.grpo_update = broadcast_step, grpo_update
+    return demo_run_worker(demo_dir, out_dir, overrides), record
+
+
+def reference_sync_demo_worker(demo_dir, out_dir, overrides):
+    """demo_run_worker that checks every TR-DPO sync: the reference's parameters before the
+    sync, the policy's and the reference's after, for each step at which the reference moved.
+    Returns ``(history, syncs, final reference parameters)`` with ``syncs`` a list of
+    ``(step, max |after - (alpha x policy + (1 - alpha) x before)|, max |policy - before|)``."""
+    from megagrpo.training import loop
+
+    syncs = []
+    original = loop.sync_reference
+    state = {}
+
+    def sync_reference(run, step):
+        before = [p.detach().clone() for c in run.reference.chunks for p in c.parameters()]
+        policy = [p.detach().clone() for c in run.modules for p in c.parameters()]
+        original(run, step)
+        after = [p.detach().clone() for c in run.reference.chunks for p in c.parameters()]
+        if any(not torch.equal(a, b) for a, b in zip(after, before)):
+            alpha = run.recipe.training.ref_model_mixup_alpha
+            err = max(
+                float((a - (alpha * p + (1 - alpha) * b)).abs().max())
+                for a, p, b in zip(after, policy, before)
+            )
+            moved = max(float((p - b).abs().max()) for p, b in zip(policy, before))
+            syncs.append((step, err, moved))
+        state["reference"] = after
+
+    loop.sync_reference = sync_reference
+    history = demo_run_worker(demo_dir, out_dir, overrides)
+    return history, syncs, state.get("reference")
+
+
+def built_reference_worker(demo_dir, out_dir, overrides):
+    """Build a run (resuming from out_dir's newest checkpoint) and return its reference model's
+    parameters, without training."""
+    from megagrpo.demo.grpo_demo import demo_recipe_at
+    from megagrpo.training import build_run
+
+    recipe = demo_recipe_at(demo_dir, out_dir, ["--num_reward_workers", "1", *overrides])
+    run = build_run(recipe)
+    try:
+        params = [p.detach().clone() for c in run.reference.chunks for p in c.parameters()]
+        return run.start_step, params, run.reference.synced
+    finally:
+        if run.rollout is not None:
+            run.rollout.close()
+        run.logger.close()

@@ -17,6 +17,17 @@ from megagrpo.demo.tiny_models import TINY_CONFIGS, save_tiny_checkpoint  # noqa
 
 
 @pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The embedded demo's data and warm-started tiny model, built once for the whole session
+    (the warm start takes minutes on a loaded 2-core machine)."""
+    from megagrpo.demo.grpo_demo import prepare_demo
+
+    d = str(tmp_path_factory.mktemp("demo"))
+    prepare_demo(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """``tiny_checkpoint(name, sharded=False)`` -> directory of a saved tiny HF checkpoint."""
     made: dict[tuple[str, bool], str] = {}

@@ -304,9 +304,10 @@ def test_too_few_prompts_left_says_how_many_were_dropped_and_why(tmp_path, tok):
     with pytest.raises(DataError) as e:
         _load(tok, path, "--max_prompt_length", "8")
     assert str(e.value) == (
-        f"{path}: 0 training prompt(s), fewer than the 8 one step needs "
-        "(per_device_train_batch_size x gradient_accumulation_steps x data-parallel ranks / "
-        "num_generations); 20 were loaded and 20 dropped: 20 longer than max_prompt_length=8 "
+        f"{path}: 0 training prompt(s), fewer than the 8 one generation batch needs "
+        "(per_device_train_batch_size x steps_per_generation (default: "
+        "gradient_accumulation_steps) x data-parallel ranks / num_generations); 20 were loaded "
+        "and 20 dropped: 20 longer than max_prompt_length=8 "
         "tokens (raise max_prompt_length)"
     )
     rows = [dict(r) for r in ROWS]

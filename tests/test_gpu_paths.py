@@ -101,10 +101,13 @@ def _spied_run(tmp_path, monkeypatch, events, *, overlap, total_steps=2, num_ite
     monkeypatch.setattr(evaluation, "evaluate", record("eval", {}))
     monkeypatch.setattr(hf_weights, "save_megatron_shards", record("export"))
     groups = types.SimpleNamespace(
-        rank=1, world_size=1, dp_size=1, tp_size=1, pp_size=1, vpp_size=1, cp_size=1
+        rank=1, world_size=1, dp_size=1, dp_rank=0, tp_size=1, pp_size=1, vpp_size=1, cp_size=1
     )
+    from megagrpo.training.generation_steps import GenerationSchedule
+
     return types.SimpleNamespace(
         recipe=recipe,
+        generation=GenerationSchedule(parts=1, num_iterations=num_iterations),
         start_step=0,
         total_steps=total_steps,
         steps_per_epoch=total_steps,
@@ -131,9 +134,12 @@ def test_param_gather_forced_before_push_save_eval_and_export(tmp_path, monkeypa
     from megagrpo.training import loop
 
     events: list[str] = []
-    loop.train(_spied_run(tmp_path, monkeypatch, events, overlap=True, num_iterations=2))
+    run = _spied_run(tmp_path, monkeypatch, events, overlap=True, num_iterations=2, total_steps=4)
+    loop.train(run)
     sync = "param_sync(force_sync=True)"
     step = ["forward_backward", "optimizer.step", sync, sync]  # both chunks, after each step
+    # two optimizer steps per generation batch (num_iterations=2): push, evaluation and save
+    # after the second, though eval_steps = save_steps = 1
     assert events == (
         ["eval"]  # step 0: the starting weights, before any optimizer step
         + (step * 2 + ["push", "eval", "save"]) * 2

@@ -10,16 +10,9 @@ import pytest
 from _multiproc import run_ranks
 from _train_workers import demo_run_worker
 
-from megagrpo.demo.grpo_demo import learning_summary, prepare_demo
+from megagrpo.demo.grpo_demo import learning_summary
 
 SHORT = ["--save_strategy", "no", "--eval_strategy", "no", "--log_completions", "false"]
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("demo"))
-    prepare_demo(d)  # addition data + the warm-started tiny model
-    return d
 
 
 def _only(results):
@@ -147,8 +140,9 @@ def test_sharded_training_matches_one_process(demo_dir, tmp_path, tp, pp, dp):
 
 def test_async_reference_model_and_iterations(demo_dir, tmp_path):
     """One batch ahead (staleness 1), a KL-regularised loss against the reference model, two
-    updates per batch, truncated importance sampling: the logged ``kl`` is the k3 estimator of
-    KL(policy || reference) on the batch, recomputed here with plain torch before each update."""
+    updates per batch (each an optimizer step, as TRL counts them: 8 steps are 4 batches),
+    truncated importance sampling: the logged ``kl`` is the k3 estimator of KL(policy ||
+    reference) on the batch, recomputed here with plain torch before each update."""
     from _train_workers import kl_recording_demo_worker
 
     hist, k3 = _only(
@@ -160,7 +154,7 @@ def test_async_reference_model_and_iterations(demo_dir, tmp_path):
             SHORT
             + [
                 "--max_steps",
-                "4",
+                "8",
                 "--async_max_staleness",
                 "1",
                 "--beta",
@@ -172,21 +166,23 @@ def test_async_reference_model_and_iterations(demo_dir, tmp_path):
             ],
         )
     )
-    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+    assert [h["step"] for h in hist] == list(range(1, 9))
     assert max(h["rollout/staleness"] for h in hist) <= 1
     assert any(h["rollout/staleness"] == 1 for h in hist)  # generation overlapped an update
-    assert all(h["time/logprobs"] > 0 for h in hist)  # old and reference log-prob passes ran
+    # old and reference log-prob passes ran, once per batch (timed in its first step's record)
+    assert all(h["time/logprobs"] > 0 for h in hist[0::2])
+    assert not any("time/logprobs" in h for h in hist[1::2])
     # The reference is the starting policy: the first update sees KL 0, every later one, after
     # the policy moved, a positive KL. No ceiling on its size: k3 after one Adam step is
     # heavy-tailed (a few tokens that lost several nats carry most of it) and its value on
     # the warm-started demo model differs between CPUs by a factor of 30.
-    assert len(k3) == 8  # 4 steps x 2 updates
+    assert len(k3) == 8  # 4 batches x 2 updates
     assert k3[0] == pytest.approx(0.0, abs=1e-9)
     assert all(v > 1e-6 for v in k3[1:])
-    # a step logs the mean over its two updates of the token-weighted k3 (the kernel's fp32
-    # against fp64 here: they agree to ~3e-7 relative; 1e-4 leaves a wide margin for rounding)
-    for h, first, second in zip(hist, k3[0::2], k3[1::2]):
-        assert h["kl"] == pytest.approx((first + second) / 2, rel=1e-4, abs=1e-9)
+    # a step logs its update's token-weighted k3 (the kernel's fp32 against fp64 here: they
+    # agree to ~3e-7 relative; 1e-4 leaves a wide margin for rounding)
+    for h, k in zip(hist, k3):
+        assert h["kl"] == pytest.approx(k, rel=1e-4, abs=1e-9)
 
 
 def test_loss_variant_with_masks_and_adaptive_entropy_trains(demo_dir, tmp_path):

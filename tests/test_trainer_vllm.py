@@ -12,7 +12,7 @@ from _multiproc import run_ranks
 from _vllm_workers import colocated_train_worker
 
 from megagrpo.config import ConfigError
-from megagrpo.demo.grpo_demo import demo_recipe_at, learning_summary, prepare_demo
+from megagrpo.demo.grpo_demo import demo_recipe_at, learning_summary
 
 SHORT = ["--save_strategy", "no", "--log_completions", "false"]
 CHECKED = ["--vllm_importance_sampling_correction", "true"]  # the sampler gap gets measured
@@ -20,13 +20,6 @@ RANK_INVARIANT = (
     "reward", "reward_std", "loss", "grad_norm", "entropy", "num_tokens",
     "completions/mean_length", "sampler_logprob_gap", "rollout/staleness",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("demo-vllm"))
-    prepare_demo(d)
-    return d
 
 
 def _rewards(result):

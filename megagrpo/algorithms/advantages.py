@@ -10,6 +10,13 @@ nothing to the policy gradient.
 
 ``scale_rewards``: ``group`` divides by each group's std (GRPO), ``batch`` by the std of the
 whole generation batch (TRL's "batch"; Lite-PPO), ``none`` does not divide (Dr. GRPO).
+
+``multi_objective_aggregation`` (``multi_objective_advantages``) says how K functions make one
+advantage: ``sum_then_normalize`` (the weighted sum, then ``group_advantages``) or
+``normalize_then_sum`` (GDPO, arXiv 2601.05242, as TRL 1.16 computes it: each function's rewards
+are centred on their group mean and divided by their group std + eps, the weighted NaN-ignoring
+sum of those is centred on the batch mean and divided by the batch std + eps; ``scale_rewards``
+must be ``group``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megagrpo.config.training import MULTI_OBJECTIVE_AGGREGATIONS
 from megagrpo.config.training import SCALE_REWARDS as SCALE_CHOICES
 
 
@@ -87,6 +95,62 @@ def group_advantages(
         group_std_n=std_b.expand_as(r_bg).reshape(-1).to(dtype),
         frac_zero_std=zero_std.double().mean().item(),
     )
+
+
+def decoupled_advantages(
+    rewards_nk: torch.Tensor, weights_k: torch.Tensor, num_generations: int, eps: float = 1e-4
+) -> GroupStats:
+    """GDPO's normalize_then_sum: per-function group normalisation, weighted sum, then batch
+    normalisation. A completion no function scored gets advantage 0; a function's NaN is left out
+    of its group's statistics and of the sum (TRL's nanmean / nansum)."""
+    n, k = rewards_nk.shape
+    if num_generations < 1 or n % num_generations:
+        raise ValueError(
+            f"{n} completions do not form whole groups of num_generations={num_generations}"
+        )
+    r_bgk = rewards_nk.double().view(-1, num_generations, k)
+    valid_bgk = ~torch.isnan(r_bgk)
+    count_bk = valid_bgk.sum(dim=1, keepdim=True)
+    mean_bk = torch.nansum(r_bgk, dim=1, keepdim=True) / count_bk.clamp(min=1)
+    std_bk = _nanstd(r_bgk, dim=1).unsqueeze(1)
+    norm_nk = ((r_bgk - mean_bk) / (std_bk + eps)).view(n, k)
+    total_n = weighted_rewards(norm_nk, weights_k.double())
+    scored_n = ~torch.isnan(total_n)
+    batch_mean = total_n[scored_n].mean() if scored_n.any() else total_n.new_zeros(())
+    batch_std = _nanstd(total_n.view(1, -1), dim=1).squeeze(0)
+    adv_n = torch.where(scored_n, (total_n - batch_mean) / (batch_std + eps), 0.0)
+    group_std_n = _nanstd(total_n.view(-1, num_generations), dim=1)
+    zero_std = torch.isclose(group_std_n, torch.zeros_like(group_std_n))
+    dtype = rewards_nk.dtype if rewards_nk.is_floating_point() else torch.float32
+    return GroupStats(
+        advantages_n=adv_n.to(dtype),
+        group_mean_n=batch_mean.expand(n).to(dtype),
+        group_std_n=batch_std.expand(n).to(dtype),
+        frac_zero_std=zero_std.double().mean().item(),
+    )
+
+
+def multi_objective_advantages(
+    rewards_nk: torch.Tensor,
+    weights_k: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    aggregation: str = "sum_then_normalize",
+) -> GroupStats:
+    """Advantages of K reward functions' scores [N, K] under ``multi_objective_aggregation``."""
+    if aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(
+            f"multi_objective_aggregation={aggregation!r}; expected one of "
+            f"{MULTI_OBJECTIVE_AGGREGATIONS}"
+        )
+    if aggregation == "normalize_then_sum":
+        if scale_rewards != "group":
+            raise ValueError(
+                f"multi_objective_aggregation='normalize_then_sum' needs scale_rewards='group', "
+                f"got {scale_rewards!r}"
+            )
+        return decoupled_advantages(rewards_nk, weights_k, num_generations)
+    return group_advantages(weighted_rewards(rewards_nk, weights_k), num_generations, scale_rewards)
 
 
 def dp_group_advantages(

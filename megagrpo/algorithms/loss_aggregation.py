@@ -40,8 +40,9 @@ class BatchContext:
     """Data-parallel ranks the gradient is averaged over."""
     max_completion_length: int
     """The configured maximum completion length (dr_grpo's constant normaliser)."""
-    global_num_tokens: int
-    """Completion tokens in the whole generation batch over all DP ranks (dapo's normaliser)."""
+    global_num_tokens: float
+    """dapo's normaliser: completion tokens of the whole generation batch over all DP ranks,
+    divided by the optimizer steps the batch is split into (steps_per_generation; TRL's)."""
 
 
 class LossType:

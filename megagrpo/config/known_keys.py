@@ -21,6 +21,7 @@ KEY_ALIASES: dict[str, str] = {
     "dtype": "torch_dtype",  # TRL's ModelConfig renamed torch_dtype to dtype
     "evaluation_strategy": "eval_strategy",  # transformers' old name
     "vllm_importance_sampling_cap": "vllm_importance_sampling_clip_max",  # TRL's old name
+    "eval_num_generations": "num_generations_eval",  # megagrpo's old name
 }
 
 #: Prefixes of whole families of unused keys.
@@ -125,12 +126,11 @@ UNUSED_KEYS: frozenset[str] = frozenset(
     """.split()
     # TRL GRPOConfig (disable_dropout: megagrpo's models have no dropout anyway)
     + """
-    disable_dropout use_liger_loss num_generations_eval ds3_gather_for_generation
-    pad_to_multiple_of generation_batch_size steps_per_generation cache_implementation
-    vllm_model_impl vllm_group_port vllm_device vllm_dtype multi_objective_aggregation
-    sync_ref_model ref_model_mixup_alpha ref_model_sync_steps log_multimodal log_unique_prompts
-    log_completions_hub_repo use_transformers_continuous_batching
-    transformers_continuous_batching_config use_transformers_paged
+    disable_dropout use_liger_loss ds3_gather_for_generation pad_to_multiple_of
+    cache_implementation vllm_model_impl vllm_group_port vllm_device vllm_dtype
+    log_multimodal log_unique_prompts log_completions_hub_repo
+    use_transformers_continuous_batching transformers_continuous_batching_config
+    use_transformers_paged
     """.split()
     # TRL ModelConfig / ScriptArguments (meaningful only with use_peft / load_in_*bit, refused)
     + """

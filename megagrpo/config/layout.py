@@ -85,18 +85,40 @@ def validate_layout(
     _check_pipeline(recipe, num_layers, errors)
     check_sequence_parallel(mc.sequence_parallel, tp, errors)
 
-    per_rank = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    if per_rank % t.num_generations:
-        errors.append(
-            f"the generation batch per_device_train_batch_size={t.per_device_train_batch_size} x "
-            f"gradient_accumulation_steps={t.gradient_accumulation_steps} x DP={dp} = "
-            f"{per_rank * dp} completions must be divisible by num_generations="
-            f"{t.num_generations} x DP={dp} = {t.num_generations * dp}: every data-parallel rank "
-            "must hold whole groups"
-        )
+    _check_generation_batch(t, dp, errors)
     if errors:
         raise ConfigError(errors)
     return ParallelLayout(tp=tp, pp=pp, cp=cp, dp=dp, world_size=world_size)
+
+
+def _check_generation_batch(t, dp: int, errors: list[str]) -> None:
+    """TRL's generation_batch_size rule, and whole groups on every data-parallel rank."""
+    step_batch = t.per_device_train_batch_size * dp
+    gbs = t.generation_batch_size
+    if gbs is not None and gbs >= 1 and gbs % step_batch:
+        errors.append(
+            f"generation_batch_size={gbs} must be divisible by per_device_train_batch_size="
+            f"{t.per_device_train_batch_size} x DP={dp} = {step_batch} (TRL's rule)"
+        )
+        return
+    spg = t.steps_per_generation_for(dp)
+    if gbs is not None and spg % t.gradient_accumulation_steps:
+        errors.append(
+            f"generation_batch_size={gbs} gives steps_per_generation={gbs} / {step_batch} = {spg}, "
+            f"which must be a multiple of gradient_accumulation_steps="
+            f"{t.gradient_accumulation_steps}: megagrpo trains each generation batch as whole "
+            "optimizer steps"
+        )
+    per_rank = t.per_device_train_batch_size * spg
+    defaulted = t.steps_per_generation is None and t.generation_batch_size is None
+    steps = f"{'gradient_accumulation_steps' if defaulted else 'steps_per_generation'}={spg}"
+    if per_rank % t.num_generations:
+        errors.append(
+            f"the generation batch per_device_train_batch_size={t.per_device_train_batch_size} x "
+            f"{steps} x DP={dp} = {per_rank * dp} completions must be "
+            f"divisible by num_generations={t.num_generations} x DP={dp} = "
+            f"{t.num_generations * dp}: every data-parallel rank must hold whole groups"
+        )
 
 
 def _check_pipeline(recipe: Recipe, num_layers: int, errors: list[str]) -> None:

@@ -25,6 +25,8 @@ IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
 """``vllm_importance_sampling_mode``'s choices (``algorithms/importance_sampling.py``)."""
 SCALE_REWARDS = ("group", "batch", "none")
 """``scale_rewards``' choices (``algorithms/advantages.py`` implements them)."""
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+"""``multi_objective_aggregation``'s choices (``algorithms/advantages.py`` implements them)."""
 REPORT_TO = ("wandb",)
 
 
@@ -88,10 +90,15 @@ class GRPOConfig:
     )
     warmup_steps: int = option(0, help="Number of linear warm-up steps. Set this or warmup_ratio.")
     num_train_epochs: float = option(
-        3.0, help="Passes over the prompts; ignored when max_steps > 0."
+        3.0,
+        help="Passes over the prompts; ignored when max_steps > 0. An epoch is (prompts // "
+        "prompts per generation batch) generation batches, each worth steps_per_generation / "
+        "gradient_accumulation_steps x num_iterations optimizer steps (TRL's count).",
     )
     max_steps: int = option(
-        -1, help="Total optimizer steps; -1 derives them from num_train_epochs."
+        -1,
+        help="Total optimizer steps, as TRL counts them (every update of num_iterations and of "
+        "steps_per_generation counts); -1 derives them from num_train_epochs.",
     )
     per_device_train_batch_size: int = option(
         8,
@@ -105,8 +112,9 @@ class GRPOConfig:
     )
     gradient_accumulation_steps: int = option(
         1,
-        help="Micro-steps per optimizer step. One generation batch is per_device_train_batch_size "
-        "x gradient_accumulation_steps x DP completions.",
+        help="Micro-steps per optimizer step: an optimizer step trains on "
+        "per_device_train_batch_size x gradient_accumulation_steps x DP completions (one "
+        "generation batch unless steps_per_generation says otherwise).",
     )
     max_grad_norm: float = option(1.0, help="Gradient clipping norm; 0 disables clipping.")
     weight_decay: float = option(0.0, help="AdamW weight decay.")
@@ -250,7 +258,9 @@ class GRPOConfig:
         aliases={True: "group", False: "none", "true": "group", "false": "none"},
     )
     num_iterations: int = option(
-        1, help="Policy updates per generation batch (mu); > 1 needs old log-probs."
+        1,
+        help="Passes over each generation batch (mu); every pass is steps_per_generation / "
+        "gradient_accumulation_steps optimizer steps; > 1 needs old log-probs.",
     )
     mask_truncated_completions: bool = option(
         False, help="Leave completions cut at max_completion_length out of the loss (DAPO)."
@@ -347,7 +357,8 @@ class GRPOConfig:
     async_max_staleness: int = option(
         0,
         help="Generate the next batch while the policy trains on this one; a batch may lag the "
-        "trained weights by at most this many optimizer steps (0: synchronous, on-policy). "
+        "trained weights by at most this many generation batches (weight pushes; = optimizer "
+        "steps with the default steps_per_generation and num_iterations 1; 0: synchronous). "
         "Off-policy tokens are corrected by the truncated importance weight.",
     )
 
@@ -373,14 +384,63 @@ class GRPOConfig:
     eval_steps: int | float | None = option(
         None, help="Evaluate every this many steps (eval_strategy=steps); None uses logging_steps."
     )
-    eval_num_generations: int = option(
-        4,
-        help="k of the evaluation's mean@k and pass@k (samples per test prompt, at the training "
-        "temperature); greedy accuracy is measured besides.",
-    )
     eval_max_prompts: int | None = option(
         None, help="Evaluate on at most this many test prompts (the first ones); None: all."
     )
+
+    # ---- generation batches, evaluation samples, reference sync, reward aggregation ----
+    # (TRL 1.16's names, defaults and rules; docs/config.md and training/generation_steps.py)
+    steps_per_generation: int | None = option(
+        None,
+        help="Micro-steps (of per_device_train_batch_size completions per rank) one generation "
+        "batch feeds, as in TRL: the batch is shuffled and split into steps_per_generation / "
+        "gradient_accumulation_steps consecutive optimizer steps. None: "
+        "gradient_accumulation_steps (one optimizer step per generation). Must be a multiple of "
+        "gradient_accumulation_steps (megagrpo trains whole optimizer steps per generation). "
+        "Set this or generation_batch_size.",
+    )
+    generation_batch_size: int | None = option(
+        None,
+        help="Completions per generation batch over all data-parallel ranks: "
+        "per_device_train_batch_size x DP x steps_per_generation (TRL). Must be divisible by "
+        "per_device_train_batch_size x DP and by num_generations. Set this or "
+        "steps_per_generation.",
+    )
+    num_generations_eval: int | None = option(
+        None,
+        help="Samples per test prompt at evaluation: the k of eval/mean@k and eval/pass@k "
+        "(TRL's name; megagrpo's old key eval_num_generations is accepted). None: "
+        "num_generations.",
+    )
+    sync_ref_model: bool = option(
+        False,
+        help="TR-DPO: every ref_model_sync_steps optimizer steps, reference = alpha x policy + "
+        "(1 - alpha) x reference (TRL's SyncRefModelCallback). Needs beta > 0. Checkpoints then "
+        "hold the reference's weights too, and resuming restores them.",
+    )
+    ref_model_mixup_alpha: float = option(
+        0.6, help="TR-DPO's alpha in [0, 1]: the policy's share of the synced reference."
+    )
+    ref_model_sync_steps: int = option(
+        512, help="TR-DPO's tau: optimizer steps between reference syncs (sync_ref_model)."
+    )
+    multi_objective_aggregation: Literal[MULTI_OBJECTIVE_AGGREGATIONS] = option(
+        "sum_then_normalize",
+        help="How several reward functions make one advantage: sum_then_normalize (weighted sum, "
+        "then scale_rewards) or normalize_then_sum (GDPO: each function's rewards normalised "
+        "within its group by mean and std, the weighted sum normalised over the generation "
+        "batch; needs scale_rewards='group', which it always applies).",
+    )
+
+    def steps_per_generation_for(self, dp_size: int) -> int:
+        """steps_per_generation resolved as TRL's __post_init__ does, with ``dp_size`` processes
+        (the layout rules check that the division is exact)."""
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        if self.generation_batch_size is not None:
+            step_batch = self.per_device_train_batch_size * dp_size
+            return max(1, self.generation_batch_size // step_batch)
+        return self.gradient_accumulation_steps
 
     def __post_init__(self) -> None:
         if self.bf16 is None:

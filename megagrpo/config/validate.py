@@ -35,6 +35,9 @@ def validate_recipe(recipe: Recipe) -> None:
     _check_generation_and_loss(recipe, errors)
     _check_logging_and_saving(recipe, errors)
     _check_megatron(recipe, errors)
+    _check_generation_batch(recipe, errors)
+    _check_reference_sync(recipe, errors)
+    _check_reward_aggregation(recipe, errors)
     if errors:
         raise ConfigError(errors)
 
@@ -201,7 +204,6 @@ def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
     _at_least(errors, "rollout_max_batch_size", t.rollout_max_batch_size, 1)
     _at_least(errors, "weight_sync_bucket_mb", t.weight_sync_bucket_mb, 1)
     _at_least(errors, "async_max_staleness", t.async_max_staleness, 0)
-    _at_least(errors, "eval_num_generations", t.eval_num_generations, 1)
     if t.rollout_threads_per_engine is not None:
         _at_least(errors, "rollout_threads_per_engine", t.rollout_threads_per_engine, 1)
     if t.eval_max_prompts is not None:
@@ -349,6 +351,67 @@ def _check_fp8(recipe: Recipe, errors: list[str]) -> None:
                 f"{name}={values[name]} needs Transformer Engine, which is not importable here "
                 "(install megagrpo[gpu] on a CUDA machine)"
             )
+
+
+def _check_generation_batch(recipe: Recipe, errors: list[str]) -> None:
+    """TRL's rules of steps_per_generation / generation_batch_size that need no world size
+    (``layout.py`` checks the rest), and megagrpo's: whole optimizer steps per generation."""
+    t = recipe.training
+    spg, gbs = t.steps_per_generation, t.generation_batch_size
+    if spg is not None and gbs is not None:
+        errors.append(
+            f"steps_per_generation={spg} and generation_batch_size={gbs} are both set: set one "
+            "(the other follows from per_device_train_batch_size x data-parallel ranks)"
+        )
+    if spg is not None:
+        _at_least(errors, "steps_per_generation", spg, 1)
+        if spg >= 1 and spg % t.gradient_accumulation_steps:
+            errors.append(
+                f"steps_per_generation={spg} must be a multiple of gradient_accumulation_steps="
+                f"{t.gradient_accumulation_steps}: megagrpo trains each generation batch as whole "
+                "optimizer steps (several generations per optimizer step are not implemented)"
+            )
+    if gbs is not None:
+        _at_least(errors, "generation_batch_size", gbs, 1)
+        if gbs >= 1 and gbs % t.num_generations:
+            errors.append(
+                f"generation_batch_size={gbs} must be divisible by num_generations="
+                f"{t.num_generations}: a generation batch holds whole groups"
+            )
+    if t.num_generations_eval is not None:
+        _at_least(errors, "num_generations_eval", t.num_generations_eval, 1)
+
+
+def _check_reference_sync(recipe: Recipe, errors: list[str]) -> None:
+    t = recipe.training
+    if t.sync_ref_model and not (t.beta > 0):
+        errors.append(
+            f"sync_ref_model=True needs beta > 0, got beta={t.beta}: without the KL term there is "
+            "no reference model to synchronise (TRL refuses it too); set beta or sync_ref_model: "
+            "false"
+        )
+    if not (0.0 <= t.ref_model_mixup_alpha <= 1.0):
+        errors.append(
+            f"ref_model_mixup_alpha={t.ref_model_mixup_alpha} must be in [0, 1]: the policy's "
+            "share of the synced reference"
+        )
+    _at_least(errors, "ref_model_sync_steps", t.ref_model_sync_steps, 1)
+    if t.sync_ref_model and recipe.megatron.fp8_param_gather:
+        errors.append(
+            "sync_ref_model=True with fp8_param_gather=True: mixing the policy into FP8 reference "
+            "parameters in place is not implemented; set fp8_param_gather: false"
+        )
+
+
+def _check_reward_aggregation(recipe: Recipe, errors: list[str]) -> None:
+    t = recipe.training
+    if t.multi_objective_aggregation == "normalize_then_sum" and t.scale_rewards != "group":
+        errors.append(
+            f"multi_objective_aggregation='normalize_then_sum' with scale_rewards="
+            f"{t.scale_rewards!r}: GDPO always divides each function's rewards by their group "
+            "std and the sum by the batch std (TRL ignores scale_rewards there); set "
+            "scale_rewards: group, or multi_objective_aggregation: sum_then_normalize"
+        )
 
 
 def check_sequence_parallel(sequence_parallel: bool, tp: int, errors: list[str]) -> None:

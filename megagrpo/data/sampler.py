@@ -17,7 +17,8 @@ import torch
 class PromptSampler:
     num_prompts: int
     prompts_per_step: int
-    """Prompts per optimizer step over all data-parallel ranks."""
+    """Prompts per generation batch over all data-parallel ranks (a "step" here is a generation
+    batch; ``training/generation_steps.py`` maps them to optimizer steps)."""
     dp_rank: int = 0
     dp_size: int = 1
     seed: int = 0

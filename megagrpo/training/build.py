@@ -32,9 +32,11 @@ from megagrpo.monitoring.metrics_log import MetricsLogger, WandbSettings
 from megagrpo.training.checkpoint import (
     TrainerState,
     load_checkpoint,
+    load_reference,
     remove_interrupted_saves,
     resolve_resume,
 )
+from megagrpo.training.generation_steps import GenerationSchedule
 from megagrpo.training.lr_schedule import LRSchedule, schedule_from_config
 from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap_ddp
 from megagrpo.training.prompt_data import share_prompt_data
@@ -66,9 +68,12 @@ class Run:
     reference: ReferenceModel | None
     logger: MetricsLogger
     total_steps: int
+    """Optimizer steps of the run (TRL's count)."""
     start_step: int
     micro_batch_size: int
     steps_per_epoch: int
+    """Optimizer steps per pass over the prompts."""
+    generation: GenerationSchedule
     data: Any = None
     """Ranks holding an engine: the prompt data (``megagrpo.training.prompt_data.PromptData``)."""
     rollout: Any = None
@@ -87,7 +92,7 @@ class Run:
     def needs_old_logprobs(self) -> bool:
         t = self.recipe.training
         return (
-            t.num_iterations > 1
+            self.generation.updates_per_generation > 1  # num_iterations / steps_per_generation
             or t.async_max_staleness > 0
             or self.importance_sampling is not None
         )
@@ -139,16 +144,16 @@ def _broadcast_from_rank0(value, groups):
     return box[0]
 
 
-def _resume(t, modules, optimizer, arch, groups, resolved) -> TrainerState | None:
-    """Load the checkpoint to resume from, if any (removing interrupted saves first); returns
-    its trainer state (None: start at step 0)."""
+def _resume(t, modules, optimizer, arch, groups, resolved, reference) -> TrainerState | None:
+    """Load the checkpoint to resume from, if any (removing interrupted saves first), and a
+    synced reference model saved with it; returns its trainer state (None: start at step 0)."""
     if groups.rank == 0:
         for name in remove_interrupted_saves(t.output_dir):
             print(f"removed {name}: a checkpoint save that was interrupted", flush=True)
     checkpoint = resolve_resume(t.output_dir, t.resume_from_checkpoint)
     if not checkpoint:
         return None
-    return load_checkpoint(
+    state = load_checkpoint(
         checkpoint,
         modules,
         optimizer,
@@ -156,6 +161,9 @@ def _resume(t, modules, optimizer, arch, groups, resolved) -> TrainerState | Non
         groups,
         distributed_optimizer=resolved.use_distributed_optimizer and torch.cuda.is_available(),
     )
+    if reference is not None and load_reference(checkpoint, reference.chunks, arch, groups):
+        reference.synced = True
+    return state
 
 
 def _metrics_logger(recipe: Recipe, groups, data) -> MetricsLogger:
@@ -210,10 +218,19 @@ def build_run(recipe: Recipe) -> Run:
         load_hf_weights(ref, source, arch, groups)
         reference = ReferenceModel(ref, offload=t.ref_model_offload)
 
-    resumed = _resume(t, modules, optimizer, arch, groups, resolved)
+    resumed = _resume(t, modules, optimizer, arch, groups, resolved, reference)
+    start_step = resumed.step if resumed is not None else 0
     entropy_bonus = EntropyBonus.from_config(t)
     if entropy_bonus is not None and resumed is not None and "entropy_bonus" in resumed.extra:
         entropy_bonus.load_state_dict(resumed.extra["entropy_bonus"])
+    generation = GenerationSchedule.from_config(t, groups.dp_size)
+    if start_step % generation.updates_per_generation and start_step < total_steps:
+        raise ValueError(
+            f"resuming after optimizer step {start_step}, inside a generation batch of "
+            f"{generation.updates_per_generation} steps (steps_per_generation / "
+            "gradient_accumulation_steps x num_iterations): resume with the settings the "
+            "checkpoint was written with"
+        )
     run = Run(
         recipe=recipe,
         groups=groups,
@@ -223,7 +240,7 @@ def build_run(recipe: Recipe) -> Run:
         modules=modules,
         policy=policy,
         optimizer=optimizer,
-        schedule=schedule_from_config(t, total_steps * t.num_iterations),
+        schedule=schedule_from_config(t, total_steps),
         loss_type=get_loss_type(t.loss_type),
         loss_spec=loss_spec(t),
         importance_sampling=ImportanceSampling.from_config(t),
@@ -231,9 +248,10 @@ def build_run(recipe: Recipe) -> Run:
         reference=reference,
         logger=_metrics_logger(recipe, groups, data),
         total_steps=total_steps,
-        start_step=resumed.step if resumed is not None else 0,
+        start_step=start_step,
         micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
         steps_per_epoch=steps_per_epoch,
+        generation=generation,
         data=data,
     )
     if share is not None:

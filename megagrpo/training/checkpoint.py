@@ -6,6 +6,8 @@
     optimizer/mp_rank_TT_PPP.pt           optimizer state of that model-parallel rank
     optimizer/mp_rank_TT_PPP_params.pt    distributed optimizer only: parameter state (DP rank 0)
     rng/rank_NNNNN.pt                     python, numpy, torch, CUDA and megatron RNG states
+    reference/                            sync_ref_model only, once synced: the reference model's
+                                          megatron shards (as the policy's)
     trainer_state.json                    step, data position, layout, last metrics
     COMPLETE                              written last: the checkpoint is whole
 ```
@@ -33,6 +35,7 @@ from megagrpo.conversion.hf_weights import load_megatron_shards, save_megatron_s
 from megagrpo.conversion.megatron_format import HF_FILES_DIR, rank_dir
 
 PREFIX = "checkpoint-"
+REFERENCE_DIR = "reference"
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -157,8 +160,10 @@ def save_checkpoint(
     save_total_limit: int | None = None,
     hf_source_dir: str | None = None,
     distributed_optimizer: bool = False,
+    reference_chunks=None,
 ) -> str:
-    """Save atomically; every rank calls it. Returns the checkpoint directory."""
+    """Save atomically; every rank calls it. Returns the checkpoint directory.
+    ``reference_chunks``: a reference model whose weights moved (sync_ref_model), saved too."""
     final = os.path.join(output_dir, f"{PREFIX}{state.step}")
     tmp = os.path.join(output_dir, f".{PREFIX}{state.step}.tmp")
     if groups.rank == 0:
@@ -167,6 +172,8 @@ def save_checkpoint(
             os.makedirs(os.path.join(tmp, sub), exist_ok=True)
     _barrier()
     save_megatron_shards(chunks, tmp, arch, groups)
+    if reference_chunks is not None:
+        save_megatron_shards(reference_chunks, os.path.join(tmp, REFERENCE_DIR), arch, groups)
     mp_name = rank_dir(groups.tp_rank, groups.pp_rank)
     if distributed_optimizer:  # collective over DP; DP rank 0 writes
         optimizer.save_parameter_state(os.path.join(tmp, "optimizer", f"{mp_name}_params.pt"))
@@ -215,3 +222,13 @@ def load_checkpoint(
     if os.path.isfile(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
     return state
+
+
+def load_reference(path: str, chunks, arch, groups) -> bool:
+    """Restore a synced reference model's weights from checkpoint ``path``; False (nothing
+    loaded) when the checkpoint holds none (the reference had not moved when it was saved)."""
+    directory = os.path.join(path, REFERENCE_DIR)
+    if not os.path.isdir(directory):
+        return False
+    load_megatron_shards(chunks, directory, arch, groups)
+    return True

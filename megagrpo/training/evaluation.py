@@ -1,9 +1,9 @@
 """Evaluation on the test split (open-r1's ``eval_dataset``, when eval_strategy is not "no").
 
 At step 0, every ``eval_steps`` and at the end of training, the rollout engines generate with the
-current weights, for each test prompt, one greedy completion and ``eval_num_generations`` (k)
-completions sampled at the training temperature, and scores them with the configured reward
-functions through the training reward pool. It logs:
+current weights, for each test prompt, one greedy completion and k = ``num_generations_eval``
+(TRL's; None: ``num_generations``) completions sampled at the training temperature, and score
+them with the configured reward functions through the training reward pool. It logs:
 
 - ``eval/accuracy``: greedy accuracy (math-verify's ``accuracy_reward`` equal to 1);
 - ``eval/mean@k``: mean accuracy of the k samples;
@@ -87,7 +87,7 @@ def evaluate(run) -> dict[str, float] | None:
     test = run.data.test
     requests = eval_requests(test, t.seed)
     greedy = dataclasses.replace(driver.sampling, n=1, temperature=0.0)
-    sampled = dataclasses.replace(driver.sampling, n=t.eval_num_generations)
+    sampled = dataclasses.replace(driver.sampling, n=t.num_generations_eval or t.num_generations)
     greedy_groups = driver.generate_now(requests, greedy)
     sampled_groups = driver.generate_now(requests, sampled)
     if not driver.share.is_root:

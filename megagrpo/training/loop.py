@@ -1,8 +1,10 @@
 """The GRPO training loop and its monitoring (what TRL's GRPOTrainer.train does for open-r1).
 
-Each step: rollout -> rewards -> advantages (rank 0, broadcast) -> this rank's micro-batches
--> old / reference log-probs -> ``num_iterations`` policy updates through megatron's schedules
--> weight sync to the rollout engines -> metrics -> checkpoint -> evaluation.
+Each generation batch: rollout -> rewards -> advantages (rank 0, broadcast) -> this rank's share,
+split into optimizer-step batches (``generation_steps``) of micro-batches -> old / reference
+log-probs -> its optimizer steps through megatron's schedules (TR-DPO reference syncs between
+them) -> weight sync to the rollout engines -> evaluation and checkpoint when due. Every optimizer
+step logs its metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from megagrpo.monitoring.progress import StepProgress
 from megagrpo.rollout.weight_sync import sync_weights_from_megatron
 from megagrpo.training.batch import make_micro_batches, sequence_length_multiple
 from megagrpo.training.checkpoint import TrainerState, save_checkpoint
+from megagrpo.training.generation_steps import split_generation
 from megagrpo.training.logprob_pass import fill_logprobs
 from megagrpo.training.optimizer import finish_param_gather, set_learning_rate
 from megagrpo.training.policy_update import grpo_update, reduce_metrics
@@ -25,12 +28,15 @@ from megagrpo.training.rollout_step import broadcast_step, local_batch
 
 
 def train(run) -> list[dict]:
-    """Run the steps from run.start_step to run.total_steps; returns the logged metrics."""
+    """Run the optimizer steps from run.start_step to run.total_steps, a generation batch at a
+    time; returns the logged metrics (one record per optimizer step)."""
     t = run.recipe.training
+    plan = run.generation
+    first, total = plan.generation_of(run.start_step), plan.generations(run.total_steps)
     if run.start_step > 0:  # a resumed policy: the engines still hold the initial weights
         push_weights(run, version=run.start_step, direct=True)
     if run.rollout is not None:
-        run.rollout.start(run.start_step, run.total_steps)
+        run.rollout.start(first, total)
     if t.eval_strategy != "no" and run.start_step == 0:  # the starting point, as step 0
         from megagrpo.training.evaluation import evaluate
 
@@ -40,52 +46,8 @@ def train(run) -> list[dict]:
     history = []
     progress = StepProgress(run.total_steps, run.start_step, enabled=run.groups.rank == 0)
     try:
-        for step in range(run.start_step, run.total_steps):
-            timer = StepTimer(progress)
-            with timer("rollout"):
-                data = broadcast_step(
-                    run.rollout.step_data(step) if run.rollout is not None else None, run.groups
-                )
-            mbs = [
-                mb.to(run.device)
-                for mb in make_micro_batches(
-                    local_batch(data, run.groups, t.num_generations),
-                    run.micro_batch_size,
-                    pad_token_id=run.tokenizer.pad_token_id or 0,
-                    mask_truncated_completions=t.mask_truncated_completions,
-                    length_multiple=sequence_length_multiple(
-                        fp8=run.recipe.megatron.fp8 is not None,
-                        sequence_parallel=run.recipe.megatron.sequence_parallel,
-                        tp_size=run.groups.tp_size,
-                    ),
-                )
-            ]
-            ctx = batch_context(mbs, run.groups, run.device, t.max_completion_length)
-            with timer("logprobs"):
-                if run.needs_old_logprobs:
-                    fill_logprobs(
-                        run.policy, mbs, run.groups, temperature=t.temperature, field="old_logp_bl"
-                    )
-                if run.reference is not None:
-                    run.reference.fill(mbs, run.groups, temperature=t.temperature)
-                if run.importance_sampling is not None:
-                    for mb in mbs:
-                        mb.is_weight_bl = run.importance_sampling.weights(
-                            mb.old_logp_bl, mb.sampler_logp_bl, mb.mask_bl
-                        )
-            with timer("update"):
-                updates = [
-                    optimizer_step(run, mbs, ctx, step * t.num_iterations + it)
-                    for it in range(t.num_iterations)
-                ]
-            update = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}
-            update["learning_rate"] = updates[-1]["learning_rate"]
-            with timer("weight_sync"):
-                push_weights(run, version=step + 1)
-            metrics = {**data.metrics, **update, **timer.metrics(), "step": step + 1}
-            history.append(metrics)
-            after_step(run, step + 1, data, metrics)
-            progress.step_done(metrics)
+        for generation in range(first, total):
+            history += train_generation(run, generation, progress)
         export_final_model(run)
     finally:
         if run.rollout is not None:
@@ -95,20 +57,106 @@ def train(run) -> list[dict]:
     return history
 
 
-def batch_context(mbs, groups, device, max_completion_length: int) -> BatchContext:
-    """What the loss types need of this step's micro-batches: the token count of the whole
-    generation batch (DAPO's normaliser), summed over DP ranks."""
+def train_generation(run, generation: int, progress) -> list[dict]:
+    """Generate and score one batch, then train its optimizer steps; returns their metrics."""
+    t = run.recipe.training
+    steps = run.generation.steps_of(generation, run.total_steps)
+    timer = StepTimer(progress)
+    with timer("rollout"):
+        data = broadcast_step(
+            run.rollout.step_data(generation) if run.rollout is not None else None, run.groups
+        )
+    parts = step_micro_batches(run, data, generation)
+    ctx = batch_context(
+        [mb for mbs in parts for mb in mbs],
+        run.groups,
+        run.device,
+        t.max_completion_length,
+        steps=len(parts),
+    )
+    with timer("logprobs"):
+        if run.needs_old_logprobs:
+            for mbs in parts:
+                fill_logprobs(
+                    run.policy, mbs, run.groups, temperature=t.temperature, field="old_logp_bl"
+                )
+        if run.reference is not None:
+            run.reference.fill_parts(parts, run.groups, temperature=t.temperature)
+        if run.importance_sampling is not None:
+            for mb in (mb for mbs in parts for mb in mbs):
+                mb.is_weight_bl = run.importance_sampling.weights(
+                    mb.old_logp_bl, mb.sampler_logp_bl, mb.mask_bl
+                )
+    history = []
+    for step in steps:
+        with timer("update"):
+            update = optimizer_step(run, parts[run.generation.part_of(step)], ctx, step)
+        sync_reference(run, step + 1)
+        ends_generation = step == steps[-1]
+        if ends_generation:
+            with timer("weight_sync"):
+                push_weights(run, version=step + 1)
+        metrics = {**data.metrics, **update, **timer.metrics(), "step": step + 1}
+        history.append(metrics)
+        after_step(run, step + 1, data, metrics, steps if ends_generation else None)
+        progress.step_done(metrics)
+        timer = StepTimer(progress)
+    return history
+
+
+def step_micro_batches(run, data, generation: int) -> list[list]:
+    """This rank's share of the generation batch as one list of micro-batches per optimizer-step
+    batch (``generation_steps.split_generation``), on the device."""
+    t = run.recipe.training
+    share = local_batch(data, run.groups, t.num_generations)
+    split = split_generation(
+        share, run.generation.parts, seed=t.seed, generation=generation, dp_rank=run.groups.dp_rank
+    )
+    length_multiple = sequence_length_multiple(
+        fp8=run.recipe.megatron.fp8 is not None,
+        sequence_parallel=run.recipe.megatron.sequence_parallel,
+        tp_size=run.groups.tp_size,
+    )
+    return [
+        [
+            mb.to(run.device)
+            for mb in make_micro_batches(
+                part,
+                run.micro_batch_size,
+                pad_token_id=run.tokenizer.pad_token_id or 0,
+                mask_truncated_completions=t.mask_truncated_completions,
+                length_multiple=length_multiple,
+            )
+        ]
+        for part in split
+    ]
+
+
+def batch_context(mbs, groups, device, max_completion_length: int, steps: int = 1) -> BatchContext:
+    """The loss types' context of one optimizer step. ``mbs``: this rank's micro-batches of the
+    whole generation batch, trained as ``steps`` optimizer-step batches. DAPO's normaliser is the
+    generation batch's completion tokens over all DP ranks divided by ``steps`` (TRL rescales
+    ``num_items_in_batch`` by gradient_accumulation_steps / steps_per_generation the same way)."""
     tokens = torch.tensor(
         [float(sum(mb.num_tokens for mb in mbs))], dtype=torch.float64, device=device
     )
     if groups.dp_size > 1:
         dist.all_reduce(tokens, group=groups.dp)
     return BatchContext(
-        num_microbatches=len(mbs),
+        num_microbatches=len(mbs) // steps,
         dp_size=groups.dp_size,
         max_completion_length=max_completion_length,
-        global_num_tokens=int(tokens.item()),
+        global_num_tokens=tokens.item() / steps,
     )
+
+
+def sync_reference(run, step: int) -> None:
+    """TR-DPO (sync_ref_model): after every ref_model_sync_steps-th optimizer step the reference
+    moves towards the policy (TRL's SyncRefModelCallback.on_step_end)."""
+    t = run.recipe.training
+    if run.reference is None or not t.sync_ref_model or step % t.ref_model_sync_steps:
+        return
+    run.reference.mix_in(run.modules, t.ref_model_mixup_alpha)
 
 
 def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, float]:
@@ -168,11 +216,13 @@ def push_weights(run, *, version: int, direct: bool = False) -> None:
     sync_weights_from_megatron(run.modules, run.arch, run.groups, target, version)
 
 
-def after_step(run, step: int, data, metrics: dict) -> None:
-    """Evaluation, logging, completion tables and checkpoints after an optimizer step."""
+def after_step(run, step: int, data, metrics: dict, generation_steps: range | None) -> None:
+    """Logging and completion tables after an optimizer step; evaluation and checkpoints after
+    the last step of a generation batch (``generation_steps``, 0-based; None before), when one of
+    its steps made them due."""
     t = run.recipe.training
     span = (run.total_steps, run.steps_per_epoch)
-    evaluated = _due(step, t.eval_strategy, t.eval_steps or t.logging_steps, *span)
+    evaluated = _due_in(generation_steps, t.eval_strategy, t.eval_steps or t.logging_steps, *span)
     if evaluated:
         from megagrpo.training.evaluation import evaluate
 
@@ -204,7 +254,7 @@ def after_step(run, step: int, data, metrics: dict) -> None:
                     data.advantages_n.tolist(),
                     t.num_completions_to_print,
                 )
-    if _due(step, t.save_strategy, t.save_steps, *span):
+    if _due_in(generation_steps, t.save_strategy, t.save_steps, *span):
         save_checkpoint(
             t.output_dir,
             TrainerState(
@@ -223,6 +273,9 @@ def after_step(run, step: int, data, metrics: dict) -> None:
             hf_source_dir=run.model_dir,
             distributed_optimizer=run.recipe.megatron.use_distributed_optimizer
             and torch.cuda.is_available(),
+            reference_chunks=run.reference.chunks
+            if run.reference is not None and run.reference.synced
+            else None,
         )
 
 
@@ -261,6 +314,13 @@ def _due(step: int, strategy: str, every, total_steps: int, steps_per_epoch: int
     if strategy == "epoch":
         return step % steps_per_epoch == 0
     return step % _every(every, total_steps) == 0
+
+
+def _due_in(steps: range | None, strategy: str, every, total_steps, steps_per_epoch) -> bool:
+    """Whether an event falls due at any of the (0-based) optimizer ``steps``."""
+    return steps is not None and any(
+        _due(s + 1, strategy, every, total_steps, steps_per_epoch) for s in steps
+    )
 
 
 def _every(value, total: int) -> int:

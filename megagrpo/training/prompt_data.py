@@ -19,6 +19,7 @@ from megagrpo.data.rows import REASONS, SkippedRows
 from megagrpo.data.sampler import PromptSampler
 from megagrpo.data.sources import load_mixture, open_source
 from megagrpo.rewards.registry import reads_solution
+from megagrpo.training.generation_steps import GenerationSchedule
 
 
 @dataclass
@@ -26,8 +27,13 @@ class PromptData:
     train: Any
     test: Any | None
     sampler: PromptSampler
+    """Draws each generation batch's prompts (its "steps" are generation batches)."""
     prompts_per_step: int
+    """Prompts per generation batch, over all data-parallel ranks."""
     total_steps: int
+    """Optimizer steps of the run (TRL's count, see ``generation_steps``)."""
+    steps_per_epoch: int
+    """Optimizer steps per pass over the prompts."""
     reward_columns: dict[str, str]
     """Name a reward function reads (``solution``) -> the dataset column holding it."""
     skipped: SkippedRows
@@ -78,29 +84,36 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
             test = prepare(src, test_skipped, s.dataset_solution_column)
     if test is not None and t.eval_max_prompts:
         test = test.select(range(min(t.eval_max_prompts, len(test))))
-    completions = t.per_device_train_batch_size * t.gradient_accumulation_steps * dp_size
+    schedule = GenerationSchedule.from_config(t, dp_size)
+    completions = t.per_device_train_batch_size * t.steps_per_generation_for(dp_size) * dp_size
     prompts_per_step = completions // t.num_generations
     if len(train) < prompts_per_step:
         raise DataError(_too_few_prompts(recipe, len(train), prompts_per_step, train_skipped))
     skipped = SkippedRows()
     skipped.merge(train_skipped)
     skipped.merge(test_skipped)
+    sampler = PromptSampler(len(train), prompts_per_step, seed=t.seed)
     return PromptData(
         train=train,
         test=test,
-        sampler=PromptSampler(len(train), prompts_per_step, seed=t.seed),
+        sampler=sampler,
         prompts_per_step=prompts_per_step,
-        total_steps=steps_for(len(train), prompts_per_step, t),
+        total_steps=steps_for(len(train), prompts_per_step, t, schedule.updates_per_generation),
+        steps_per_epoch=sampler.steps_per_epoch * schedule.updates_per_generation,
         reward_columns=reward_columns,
         skipped=skipped,
     )
 
 
-def steps_for(num_prompts: int, prompts_per_step: int, training) -> int:
-    """Generation steps of the run: max_steps, else num_train_epochs over the prompts."""
+def steps_for(
+    num_prompts: int, prompts_per_generation: int, training, updates_per_generation: int = 1
+) -> int:
+    """Optimizer steps of the run: max_steps, else num_train_epochs over the prompts, each
+    generation batch counting ``updates_per_generation`` steps (TRL's count)."""
     if training.max_steps and training.max_steps > 0:
         return training.max_steps
-    return max(1, math.ceil(training.num_train_epochs * (num_prompts // prompts_per_step)))
+    per_epoch = (num_prompts // prompts_per_generation) * updates_per_generation
+    return max(1, math.ceil(training.num_train_epochs * per_epoch))
 
 
 def _too_few_prompts(recipe, kept: int, needed: int, skipped: SkippedRows) -> str:
@@ -108,9 +121,9 @@ def _too_few_prompts(recipe, kept: int, needed: int, skipped: SkippedRows) -> st
     s, t = recipe.script, recipe.training
     name = s.dataset_name or "dataset_mixture"
     text = (
-        f"{name}: {kept} training prompt(s), fewer than the {needed} one step needs "
-        "(per_device_train_batch_size x gradient_accumulation_steps x data-parallel ranks / "
-        "num_generations)"
+        f"{name}: {kept} training prompt(s), fewer than the {needed} one generation batch needs "
+        "(per_device_train_batch_size x steps_per_generation (default: "
+        "gradient_accumulation_steps) x data-parallel ranks / num_generations)"
     )
     if not skipped.total:
         return text + "; use more data or lower per_device_train_batch_size"
@@ -139,7 +152,7 @@ def share_prompt_data(recipe, tokenizer, groups, broadcast, *, load: bool | None
     if groups.rank == 0 or load:
         try:
             data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
-            shared = ("ok", data.total_steps, data.sampler.steps_per_epoch)
+            shared = ("ok", data.total_steps, data.steps_per_epoch)
             if groups.rank == 0 and data.skipped.total:
                 print(f"megagrpo: skipped {data.skipped.summary()}", flush=True)
         except DataError as e:

@@ -41,10 +41,11 @@ class RolloutDriver:
         from megagrpo.rewards import RewardPool, RewardPoolConfig, build_reward_functions
 
         t, script = run.recipe.training, run.recipe.script
-        completions = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        dp = run.groups.dp_size
+        completions = t.per_device_train_batch_size * t.steps_per_generation_for(dp) * dp
         engine = build_rollout_engine(
             run.recipe, run.model_dir, run.arch, share,
-            completions_per_step=completions * run.groups.dp_size,
+            completions_per_step=completions,
             on_gpu=run.device.type == "cuda",
         )  # fmt: skip
         scorer = None
@@ -64,7 +65,8 @@ class RolloutDriver:
         )
 
     def start(self, first_step: int, total_steps: int) -> None:
-        """Begin producing the batches of steps first_step .. total_steps - 1."""
+        """Begin producing generation batches first_step .. total_steps - 1 (a "step" here is a
+        generation batch; ``GenerationSchedule`` maps them to optimizer steps)."""
         self.first_step = first_step
 
         def batches():
@@ -97,6 +99,7 @@ class RolloutDriver:
             self.training.num_generations,
             self.training.scale_rewards,
             step,
+            self.training.multi_objective_aggregation,
         )
         data.metrics["time/generation"] = waited  # waiting for the engine (async: overlapped)
         data.metrics["rollout/staleness"] = float(batch.staleness(self.producer.updates))

@@ -16,15 +16,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megagrpo.algorithms.advantages import group_advantages
+from megagrpo.algorithms.advantages import multi_objective_advantages
 from megagrpo.training.batch import CompletionBatch
 
 
 @dataclass
 class StepData:
-    """One step's generation batch, on every rank."""
+    """One generation batch, on every rank."""
 
     step: int
+    """The generation batch's index (= the optimizer step's with one step per generation)."""
     prompt_rows: list[int]
     """Dataset rows of the step's prompts, in group order."""
     prompt_ids: list[list[int]]
@@ -100,11 +101,13 @@ def score_and_advantage(
     num_generations: int,
     scale_rewards: str,
     step: int,
+    aggregation: str = "sum_then_normalize",
 ) -> StepData:
     """Rank 0: decode, score and compute advantages for a generated batch.
 
     ``reward_columns`` maps the name a reward function reads (``solution``) to the dataset
-    column that holds it (``dataset_solution_column``).
+    column that holds it (``dataset_solution_column``); ``aggregation`` is
+    ``multi_objective_aggregation``. ``step`` numbers the generation batch.
     """
     from megagrpo.rewards import reward_metrics
 
@@ -119,7 +122,9 @@ def score_and_advantage(
         groups, rows, dataset, tokenizer, scorer, reward_columns
     )
     total_n = scores.total_n()
-    stats = group_advantages(total_n, num_generations, scale_rewards)
+    stats = multi_objective_advantages(
+        scores.rewards_nk, scores.weights_k, num_generations, scale_rewards, aggregation
+    )
     metrics = reward_metrics(scores, num_generations)
     metrics.update(completion_metrics(completion_ids, [s.finish_reason for s in samples]))
     metrics["time/scoring"] = time.perf_counter() - t0
