@@ -56,3 +56,13 @@ def none_for_odd_lengths(completions, **columns):
 
 
 NOT_CALLABLE = 3
+
+
+_FRESH = iter(range(10**9))
+
+
+def signal_when_divisible_by_3(completions, solution, **columns):
+    """Dynamic sampling's tests: a group has a reward spread exactly when its prompt's solution
+    is a multiple of 3. Such completions score a number this process never gave before (so they
+    differ within their group); the others all score 1.0 (zero std)."""
+    return [float(next(_FRESH)) if int(s) % 3 == 0 else 1.0 for s in solution]

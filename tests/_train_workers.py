@@ -229,3 +229,39 @@ def kl_recording_demo_worker(demo_dir, out_dir, overrides):
 
     loop.grpo_update = grpo_update
     return demo_run_worker(demo_dir, out_dir, overrides), k3_per_update
+
+
+def batch_recording_demo_worker(demo_dir, out_dir, overrides):
+    """demo_run_worker that records, on rank 0, each step's trained batch: the StepData every
+    rank receives (prompt rows, rewards, advantages) and the size of the batch the loop cuts
+    into micro-batches. Returns ``(history, steps, solutions)``: steps as dicts, solutions the
+    ``solution`` column of the prepared training prompts (row -> solution)."""
+    from megagrpo.demo.grpo_demo import demo_recipe_at
+    from megagrpo.training import build_run, loop, train
+
+    steps = []
+    original_broadcast, original_local = loop.broadcast_step, loop.local_batch
+
+    def broadcast_step(data, groups):
+        out = original_broadcast(data, groups)
+        steps.append(
+            {
+                "prompt_rows": list(out.prompt_rows),
+                "rewards_n": out.rewards_n.tolist(),
+                "advantages_n": out.advantages_n.tolist(),
+                "completions": len(out.completion_ids),
+            }
+        )
+        return out
+
+    def local_batch(data, groups, num_generations):
+        batch = original_local(data, groups, num_generations)
+        steps[-1]["trained"] = len(batch)
+        return batch
+
+    loop.broadcast_step, loop.local_batch = broadcast_step, local_batch
+    recipe = demo_recipe_at(demo_dir, out_dir, ["--num_reward_workers", "1", *overrides])
+    run = build_run(recipe)
+    solutions = [row["solution"] for row in run.data.train]
+    history = train(run)
+    return history, steps, solutions

@@ -48,9 +48,12 @@ def test_quota_for_layout_is_the_smallest_batch_every_rank_can_train():
     q = BatchQuota.for_layout(12, num_generations=4, dp_size=2, micro_batch_size=6, max_rounds=1)
     assert q.multiple == 6
     # micro-batches smaller than a group: one group per rank will do
-    assert BatchQuota.for_layout(
-        4, num_generations=8, dp_size=4, micro_batch_size=2, max_rounds=2
-    ).multiple == 4
+    assert (
+        BatchQuota.for_layout(
+            4, num_generations=8, dp_size=4, micro_batch_size=2, max_rounds=2
+        ).multiple
+        == 4
+    )
     with pytest.raises(ValueError, match="max_rounds must be an int >= 1, got 0"):
         BatchQuota(groups=8, multiple=2, max_rounds=0)
     with pytest.raises(ValueError, match="8 groups is not a multiple of 3"):
@@ -66,9 +69,9 @@ QUOTA = BatchQuota(groups=4, multiple=2, max_rounds=3)
 
 def test_rounds_continue_until_the_batch_is_full_or_the_bound():
     assert needs_another_round(_signal("1001"), 1, QUOTA)  # 2 of 4
-    assert not needs_another_round(_signal("1001" "0110"), 2, QUOTA)  # 4 of 4
-    assert needs_another_round(_signal("0000" "0100"), 2, QUOTA)
-    assert not needs_another_round(_signal("0000" "0100" "0000"), 3, QUOTA)  # the bound
+    assert not needs_another_round(_signal("10010110"), 2, QUOTA)  # 4 of 4
+    assert needs_another_round(_signal("00000100"), 2, QUOTA)
+    assert not needs_another_round(_signal("000001000000"), 3, QUOTA)  # the bound
     assert not needs_another_round(_signal("0000"), 1, BatchQuota(4, 2, max_rounds=1))
 
 
@@ -78,13 +81,13 @@ def test_rounds_continue_until_the_batch_is_full_or_the_bound():
         # the first round has a signal everywhere: nothing else happens
         ("1111", 1, [0, 1, 2, 3], 0, 0, 0),
         # full after two rounds; the second round's last signal group is surplus
-        ("1001" "0111", 2, [0, 3, 5, 6], 3, 0, 1),
+        ("10010111", 2, [0, 3, 5, 6], 3, 0, 1),
         # the bound: 3 signal groups, trimmed to 2 (a multiple of 2), the third is surplus
-        ("1000" "0010" "0100", 3, [0, 6], 9, 0, 1),
+        ("100000100100", 3, [0, 6], 9, 0, 1),
         # the bound with one signal group: the latest zero-std group fills the batch to 2
-        ("0000" "0010" "0000", 3, [6, 11], 10, 1, 0),
+        ("000000100000", 3, [6, 11], 10, 1, 0),
         # no signal at all: the last round's two latest groups train (advantage 0)
-        ("0000" "0000" "0000", 3, [10, 11], 10, 2, 0),
+        ("000000000000", 3, [10, 11], 10, 2, 0),
     ],
 )
 def test_which_groups_train(bits, rounds, kept, filtered, padded, surplus):
@@ -137,7 +140,7 @@ def test_extra_rounds_get_their_own_seeds_and_request_ids():
 def _round(rewards_bg: list[list[float]], rows: list[int], prompt_base: int) -> ScoredRound:
     """A scored round of len(rows) groups with the given total rewards (one function)."""
     groups, ids = [], []
-    for b, row in enumerate(rows):
+    for b in range(len(rows)):
         group = []
         for j, _ in enumerate(rewards_bg[b]):
             completion = [40 + b, 50 + j]
