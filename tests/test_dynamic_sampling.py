@@ -111,9 +111,17 @@ def test_extra_rounds_draw_new_prompts_as_a_function_of_step_and_round():
     again = GenerationRounds(PromptSampler(40, 4, seed=7), max_rounds=3)
     table = {(s, r): rounds.rows_at(s, r) for s in range(12) for r in range(3)}
     assert table == {(s, r): again.rows_at(s, r) for s in range(12) for r in range(3)}
+    # an extra round's prompts are new to the step
+    for s in range(12):
+        drawn = [row for r in range(3) for row in table[s, r]]
+        assert len(drawn) == len(set(drawn)) and len(table[s, 0]) == 4
     # each step owns 2 slots of the refill stream, which covers the prompts once per epoch
-    refill = [row for s in range(5) for r in (1, 2) for row in table[s, r]]
-    assert sorted(refill) == list(range(40))
+    slots = [rounds.refill.rows_at(k) for k in range(10)]
+    assert sorted(row for slot in slots for row in slot) == list(range(40))
+    assert table[0, 1] == [row for row in slots[0] if row not in table[0, 0]]
+    assert table[3, 2] == [row for row in slots[7] if row not in table[3, 0] + table[3, 1]]
+    # a dataset of one step has nothing new to give
+    assert GenerationRounds(PromptSampler(4, 4, seed=0), 2).rows_at(5, 1) == []
     # another seed, other prompts
     assert GenerationRounds(PromptSampler(40, 4, seed=8), 3).rows_at(0, 1) != table[0, 1]
     # the refill stream is not the first stream shifted

@@ -94,13 +94,12 @@ class GenerationRounds:
     Round 0 of step s takes the step's prompts, ``first.rows_at(s)``: the epochs, the data order
     and their resume are those of a run without dynamic sampling. Round r >= 1 takes batch
     ``s x (max_rounds - 1) + r - 1`` of a second stream of per-epoch permutations of the same
-    prompts (seeded apart from the first): each step owns ``max_rounds - 1`` slots of it, used
-    or not. So every round's prompts are a function of (seed, step, round) alone: async rollouts
-    generate a step's first round before earlier steps know how many rounds they need, and a
-    resumed run draws the same prompts without any state in the checkpoint. The extra rounds'
-    prompts are new to the step (up to the chance that the second stream repeats one of them)
-    and come in epoch order of their own stream; the epochs (``steps_per_epoch``) count the
-    first rounds only.
+    prompts (seeded apart from the first), less the prompts the step drew already: each step
+    owns ``max_rounds - 1`` slots of that stream, used or not, and its extra rounds' prompts are
+    new to it. So every round's prompts are a function of (seed, step, round) alone: async
+    rollouts generate a step's first round before earlier steps know how many rounds they need,
+    and a resumed run draws the same prompts without any state in the checkpoint. The epochs
+    (``steps_per_epoch``) count first rounds only.
     """
 
     first: PromptSampler
@@ -122,9 +121,17 @@ class GenerationRounds:
         )
 
     def rows_at(self, step: int, round_: int) -> list[int]:
-        """The prompt rows of round ``round_`` (0-based) of step ``step``."""
+        """The prompt rows of round ``round_`` (0-based) of step ``step``: an extra round leaves
+        out the prompts the step's earlier rounds drew (so it may hold fewer, even none)."""
         if not 0 <= round_ < self.max_rounds:
             raise ValueError(f"round {round_} of step {step}: expected 0 .. {self.max_rounds - 1}")
+        rows = self.first.rows_at(step)
         if round_ == 0:
-            return self.first.rows_at(step)
-        return self.refill.rows_at(step * (self.max_rounds - 1) + round_ - 1)
+            return rows
+        drawn = set(rows)
+        refill = self.refill
+        for r in range(1, round_ + 1):
+            slot = refill.rows_at(step * (self.max_rounds - 1) + r - 1)
+            rows = [row for row in slot if row not in drawn]
+            drawn.update(rows)
+        return rows
