@@ -232,10 +232,11 @@ def kl_recording_demo_worker(demo_dir, out_dir, overrides):
 
 
 def batch_recording_demo_worker(demo_dir, out_dir, overrides):
-    """demo_run_worker that records, on rank 0, each step's trained batch: the StepData every
+    """demo_run_worker that records each step's trained batch: the StepData every
     rank receives (prompt rows, rewards, advantages) and the size of the batch the loop cuts
-    into micro-batches. Returns ``(history, steps, solutions)``: steps as dicts, solutions the
-    ``solution`` column of the prepared training prompts (row -> solution)."""
+    into micro-batches (this rank's share). Returns ``(history, steps, solutions)``: steps as
+    dicts, solutions the ``solution`` column of the prepared training prompts (row -> solution;
+    None on ranks without the prompts)."""
     from megagrpo.demo.grpo_demo import demo_recipe_at
     from megagrpo.training import build_run, loop, train
 
@@ -262,6 +263,6 @@ def batch_recording_demo_worker(demo_dir, out_dir, overrides):
     loop.broadcast_step, loop.local_batch = broadcast_step, local_batch
     recipe = demo_recipe_at(demo_dir, out_dir, ["--num_reward_workers", "1", *overrides])
     run = build_run(recipe)
-    solutions = [row["solution"] for row in run.data.train]
+    solutions = [row["solution"] for row in run.data.train] if run.data is not None else None
     history = train(run)
     return history, steps, solutions

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from _dynamic_expect import dynamic_expected
 from _multiproc import run_ranks
 from _train_workers import batch_recording_demo_worker, demo_run_worker
 
@@ -313,7 +314,7 @@ def test_nan_gradient_skips_the_update_and_training_goes_on(demo_dir, tmp_path):
 # ---- dynamic sampling ----
 # The reward ``_reward_fns.signal_when_divisible_by_<k>`` gives a group a spread exactly when its
 # prompt's solution is a multiple of k, so which groups train follows from the data alone and
-# ``_dynamic_expected`` predicts every step without looking at what the run did. The demo's batch
+# ``dynamic_expected`` predicts every step without looking at what the run did. The demo's batch
 # is 8 groups of 8 completions in micro-batches of 16: a batch cut short at the bound is a
 # multiple of 2 groups (padded with zero-std groups up to 2 when fewer have a spread).
 
@@ -331,37 +332,15 @@ def _dynamic_recipe(k: int, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _dynamic_expected(solutions, step: int, k: int) -> dict:
-    """Kept prompt rows and the metrics of ``step``, from the data and the documented rules."""
-    from megagrpo.data.sampler import GenerationRounds, PromptSampler
-
-    rounds = GenerationRounds(PromptSampler(len(solutions), DYN_GROUPS, seed=42), DYN_ROUNDS)
-    generated, r = [], 0  # (row, has a spread), in generation order
-    while r < DYN_ROUNDS and sum(sig for _, sig in generated) < DYN_GROUPS:
-        generated += [(row, int(solutions[row]) % k == 0) for row in rounds.rows_at(step, r)]
-        r += 1
-    signal = [i for i, (_, sig) in enumerate(generated) if sig]
-    silent = [i for i, (_, sig) in enumerate(generated) if not sig]
-    size = DYN_GROUPS if len(signal) >= DYN_GROUPS else max(2, len(signal) // 2 * 2)
-    kept = signal[:size]
-    padding = silent[len(silent) - (size - len(kept)) :] if size > len(kept) else []
-    return {
-        "rows": [generated[i][0] for i in sorted(kept + padding)],
-        "generated": len(generated),
-        "dynamic_sampling/rounds": r,
-        "dynamic_sampling/filtered_groups": len(silent) - len(padding),
-        "dynamic_sampling/kept_groups": size,
-        "dynamic_sampling/padded_groups": len(padding),
-        "dynamic_sampling/surplus_groups": len(signal) - len(kept),
-    }
-
-
 def _check_dynamic(history, steps, solutions, k: int, first_step: int = 0) -> list[dict]:
     import torch
 
     from megagrpo.algorithms.advantages import group_advantages
 
-    expected = [_dynamic_expected(solutions, first_step + i, k) for i in range(len(steps))]
+    expected = [
+        dynamic_expected(solutions, first_step + i, k, DYN_ROUNDS, multiple=2)
+        for i in range(len(steps))
+    ]
     assert [h["step"] for h in history] == [first_step + i + 1 for i in range(len(steps))]
     for h, s, e in zip(history, steps, expected):
         assert s["prompt_rows"] == e["rows"], h["step"]
