@@ -3,9 +3,11 @@
 Rank 0 holds the rollout engine (or the client of an engine pool) and the reward pool. For every
 step it turns the step's prompts into requests, gets ``num_generations`` completions per prompt
 (through ``AsyncRollout``: synchronously, or one batch ahead within ``async_max_staleness``),
-decodes them, scores them with every reward function, and computes group advantages over the
-whole generation batch. The result is broadcast to all ranks; each data-parallel rank trains on
-its contiguous share of whole groups. Legend: N completions of the step, K reward functions.
+decodes and scores them with every reward function (``score_round``), and computes group
+advantages over the whole generation batch (``assemble_step``; with dynamic sampling a step may
+have several rounds, and the batch is the groups kept from them). The result is broadcast to all
+ranks; each data-parallel rank trains on its contiguous share of whole groups. Legend: N
+completions of the step, K reward functions.
 """
 
 from __future__ import annotations
@@ -100,8 +102,7 @@ def score_groups(groups, rows, dataset, tokenizer, scorer, reward_columns: dict[
 
 @dataclass
 class ScoredRound:
-    """One generation round of a step, decoded and scored (rank 0). Legend: n completions of
-    the round."""
+    """One generation round of a step, decoded and scored (rank 0)."""
 
     groups: list
     """Groups of ``Sample`` (one per prompt row, ``num_generations`` each)."""
