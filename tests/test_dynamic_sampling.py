@@ -54,6 +54,18 @@ def test_quota_for_layout_is_the_smallest_batch_every_rank_can_train():
         ).multiple
         == 4
     )
+    # the interleaved pipeline schedule: micro-batches per rank a multiple of PP=2
+    assert (
+        BatchQuota.for_layout(
+            8,
+            num_generations=8,
+            dp_size=1,
+            micro_batch_size=16,
+            max_rounds=2,
+            microbatch_multiple=2,
+        ).multiple
+        == 4
+    )
     with pytest.raises(ValueError, match="max_rounds must be an int >= 1, got 0"):
         BatchQuota(groups=8, multiple=2, max_rounds=0)
     with pytest.raises(ValueError, match="8 groups is not a multiple of 3"):

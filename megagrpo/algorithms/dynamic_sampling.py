@@ -63,11 +63,14 @@ class BatchQuota:
         dp_size: int,
         micro_batch_size: int,
         max_rounds: int,
+        microbatch_multiple: int = 1,
     ) -> BatchQuota:
         """The quota of a run: a trained batch of k groups must give each of the ``dp_size``
         ranks whole groups (k a multiple of dp_size) that fill whole micro-batches (k / dp_size
-        x num_generations a multiple of micro_batch_size)."""
-        per_rank = micro_batch_size // math.gcd(num_generations, micro_batch_size)
+        x num_generations a multiple of micro_batch_size), as many as a multiple of
+        ``microbatch_multiple`` (the pipeline size under the interleaved schedule)."""
+        completions = micro_batch_size * microbatch_multiple  # per rank, a multiple of this
+        per_rank = completions // math.gcd(num_generations, completions)
         return cls(groups=groups, multiple=dp_size * per_rank, max_rounds=max_rounds)
 
 

@@ -209,11 +209,13 @@ class RolloutDriver:
 
 
 def _quota(run) -> BatchQuota:
-    t = run.recipe.training
+    t, g = run.recipe.training, run.groups
+    interleaved = g.vpp_size is not None and g.pp_size > 1  # micro-batches: a multiple of PP
     return BatchQuota.for_layout(
         run.data.prompts_per_step,
         num_generations=t.num_generations,
-        dp_size=run.groups.dp_size,
+        dp_size=g.dp_size,
         micro_batch_size=run.micro_batch_size,
         max_rounds=t.max_generation_rounds,
+        microbatch_multiple=g.pp_size if interleaved else 1,
     )
