@@ -213,3 +213,17 @@ def test_the_step_trains_on_the_kept_groups_with_their_own_advantages():
     assert alone.prompt_rows == [10, 11, 12] and len(alone.completion_ids) == 9
     assert alone.advantages_n[:3].tolist() == [0.0] * 3
     assert math.isclose(alone.metrics["reward"], 11 / 9)
+
+
+def test_scores_of_several_rounds_concatenate():
+    a = _round([[1, 0]], rows=[0], prompt_base=0).scores
+    b = _round([[2, 2], [3, 1]], rows=[1, 2], prompt_base=0).scores
+    b.restarts, b.error_messages = 2, ["accuracy_reward on sample 1: boom"]
+    both = RewardScores.concat([a, b])
+    assert both.rewards_nk.flatten().tolist() == [1, 0, 2, 2, 3, 1]
+    assert both.status_nk.shape == (6, 1) and both.names == ["accuracy_reward"]
+    assert (both.seconds, both.restarts, both.error_messages) == (1.0, 2, b.error_messages)
+    assert RewardScores.concat([a]) is a
+    other = RewardScores(a.rewards_nk, a.status_nk, ["format_reward"], a.weights_k)
+    with pytest.raises(ValueError, match="scores of different functions"):
+        RewardScores.concat([a, other])
