@@ -56,3 +56,21 @@ def none_for_odd_lengths(completions, **columns):
 
 
 NOT_CALLABLE = 3
+
+
+_FRESH = iter(range(10**9))
+
+
+def _signal_when_divisible_by(k: int, solution) -> list[float]:
+    """Dynamic sampling's tests: a group has a reward spread exactly when its prompt's solution
+    is a multiple of ``k``. Such completions score a number this process never gave before (so
+    they differ within their group); the others all score 1.0 (zero std)."""
+    return [float(next(_FRESH)) if int(s) % k == 0 else 1.0 for s in solution]
+
+
+def signal_when_divisible_by_3(completions, solution, **columns):
+    return _signal_when_divisible_by(3, solution)
+
+
+def signal_when_divisible_by_5(completions, solution, **columns):
+    return _signal_when_divisible_by(5, solution)

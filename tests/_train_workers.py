@@ -277,7 +277,7 @@ def generation_recording_demo_worker(demo_dir, out_dir, overrides):
         )
         return out
 
-    def grpo_update(chunks, micro_batches, groups, loss, loss_type, ctx):
+    def grpo_update(chunks, micro_batches, groups, loss, loss_type, ctx, *args):
         gap = None
         with torch.no_grad():
             for c in chunks:
@@ -300,7 +300,7 @@ def generation_recording_demo_worker(demo_dir, out_dir, overrides):
                 "old_logp_gap": gap,
             }
         )
-        return original_update(chunks, micro_batches, groups, loss, loss_type, ctx)
+        return original_update(chunks, micro_batches, groups, loss, loss_type, ctx, *args)
 
     loop.broadcast_step, loop.grpo_update = broadcast_step, grpo_update
     return demo_run_worker(demo_dir, out_dir, overrides), record
@@ -352,3 +352,40 @@ def built_reference_worker(demo_dir, out_dir, overrides):
         if run.rollout is not None:
             run.rollout.close()
         run.logger.close()
+
+
+def batch_recording_demo_worker(demo_dir, out_dir, overrides):
+    """demo_run_worker that records each step's trained batch: the StepData every
+    rank receives (prompt rows, rewards, advantages) and the size of the batch the loop cuts
+    into micro-batches (this rank's share). Returns ``(history, steps, solutions)``: steps as
+    dicts, solutions the ``solution`` column of the prepared training prompts (row -> solution;
+    None on ranks without the prompts)."""
+    from megagrpo.demo.grpo_demo import demo_recipe_at
+    from megagrpo.training import build_run, loop, train
+
+    steps = []
+    original_broadcast, original_local = loop.broadcast_step, loop.local_batch
+
+    def broadcast_step(data, groups):
+        out = original_broadcast(data, groups)
+        steps.append(
+            {
+                "prompt_rows": list(out.prompt_rows),
+                "rewards_n": out.rewards_n.tolist(),
+                "advantages_n": out.advantages_n.tolist(),
+                "completions": len(out.completion_ids),
+            }
+        )
+        return out
+
+    def local_batch(data, groups, num_generations):
+        batch = original_local(data, groups, num_generations)
+        steps[-1]["trained"] = len(batch)
+        return batch
+
+    loop.broadcast_step, loop.local_batch = broadcast_step, local_batch
+    recipe = demo_recipe_at(demo_dir, out_dir, ["--num_reward_workers", "1", *overrides])
+    run = build_run(recipe)
+    solutions = [row["solution"] for row in run.data.train] if run.data is not None else None
+    history = train(run)
+    return history, steps, solutions

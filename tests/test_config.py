@@ -312,6 +312,8 @@ def test_no_recipe_file_gives_the_defaults_plus_overrides():
         ("num_generations: sixteen\n", [], ["num_generations='sixteen'", "expected int"]),
         ("num_generations: 2.5\n", [], ["num_generations=2.5", "expected int"]),
         ("max_steps: true\n", [], ["max_steps=True", "expected int"]),
+        ("max_generation_rounds: 2.5\n", [], ["max_generation_rounds=2.5", "expected int"]),
+        ("dynamic_sampling: sometimes\n", [], ["dynamic_sampling='sometimes'", "expected bool"]),
         ("learning_rate: fast\n", [], ["learning_rate='fast'", "expected float"]),
         ("", ["--learning_rate", "1e-6x"], ["learning_rate='1e-6x'", "float", "[command line]"]),
         ("bf16: maybe\n", [], ["bf16='maybe'", "expected bool"]),

@@ -108,6 +108,11 @@ def test_base_recipe_is_valid():
         (["--rollout_num_engines", "-1"], ["rollout_num_engines=-1 must be >= 0"]),
         (["--async_max_staleness", "-2"], ["async_max_staleness=-2 must be >= 0"]),
         (["--eval_num_generations", "0"], ["num_generations_eval=0 must be >= 1"]),
+        (["--max_generation_rounds", "0"], ["max_generation_rounds=0 must be >= 1"]),
+        (
+            ["--dynamic_sampling", "true", "--max_generation_rounds", "-1"],
+            ["max_generation_rounds=-1 must be >= 1"],
+        ),
         (["--weight_sync_bucket_mb", "0"], ["weight_sync_bucket_mb=0 must be >= 1"]),
         (["--rollout_threads_per_engine", "0"], ["rollout_threads_per_engine=0 must be >= 1"]),
         (["--eval_max_prompts", "0"], ["eval_max_prompts=0 must be >= 1"]),

@@ -1,5 +1,6 @@
 """The GRPO trainer end to end on the embedded demo: it learns, resumes exactly, and gives the same
-numbers sharded over TP or PP as on one process."""
+numbers sharded over TP or PP as on one process; dynamic sampling trains the batches the data
+implies, synchronously, resumed and with async rollouts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import os
 
 import pytest
+from _dynamic_expect import dynamic_expected
 from _multiproc import run_ranks
-from _train_workers import demo_run_worker
+from _train_workers import batch_recording_demo_worker, demo_run_worker
 
 from megagrpo.demo.grpo_demo import learning_summary
 
@@ -339,3 +341,94 @@ def test_nan_gradient_skips_the_update_and_training_goes_on(demo_dir, tmp_path):
     # the skipped step changed nothing: steps 2 and 3 saw the same weights (same entropy of the
     # engine's samples is not guaranteed, but the policy log-prob gap stays exact)
     assert max(h["sampler_logprob_gap"] for h in hist) < 1e-4
+
+
+# ---- dynamic sampling ----
+# The reward ``_reward_fns.signal_when_divisible_by_<k>`` gives a group a spread exactly when its
+# prompt's solution is a multiple of k, so which groups train follows from the data alone and
+# ``dynamic_expected`` predicts every step without looking at what the run did. The demo's batch
+# is 8 groups of 8 completions in micro-batches of 16: a batch cut short at the bound is a
+# multiple of 2 groups (padded with zero-std groups up to 2 when fewer have a spread).
+
+DYN_GROUPS, DYN_G, DYN_ROUNDS = 8, 8, 3
+
+
+def _dynamic_recipe(k: int, steps: int) -> list[str]:
+    return SHORT + [
+        "--max_steps", str(steps),
+        "--lr_scheduler_type", "constant",
+        "--reward_funcs", f"_reward_fns:signal_when_divisible_by_{k}",
+        "--reward_weights", "1.0",
+        "--dynamic_sampling", "true",
+        "--max_generation_rounds", str(DYN_ROUNDS),
+    ]  # fmt: skip
+
+
+def _check_dynamic(history, steps, solutions, k: int, first_step: int = 0) -> list[dict]:
+    import torch
+
+    from megagrpo.algorithms.advantages import group_advantages
+
+    expected = [
+        dynamic_expected(solutions, first_step + i, k, DYN_ROUNDS, multiple=2)
+        for i in range(len(steps))
+    ]
+    assert [h["step"] for h in history] == [first_step + i + 1 for i in range(len(steps))]
+    for h, s, e in zip(history, steps, expected):
+        assert s["prompt_rows"] == e["rows"], h["step"]
+        size = e["dynamic_sampling/kept_groups"]
+        assert s["completions"] == s["trained"] == DYN_G * size  # what the update trained on
+        for key, value in e.items():
+            if key.startswith("dynamic_sampling/"):
+                assert h[key] == value, (h["step"], key)
+        # the kept groups have a spread (but padding), advantages over the kept batch alone
+        r_bg = torch.tensor(s["rewards_n"], dtype=torch.float64).view(-1, DYN_G)
+        spread = int((r_bg.std(dim=1) > 0).sum())
+        assert spread == size - e["dynamic_sampling/padded_groups"]
+        adv = group_advantages(r_bg.flatten().float(), DYN_G, "group").advantages_n
+        assert s["advantages_n"] == pytest.approx(adv.tolist(), rel=1e-5, abs=1e-6)
+        # the reward metrics describe everything generated, zero-std groups included
+        silent = e["dynamic_sampling/filtered_groups"] + e["dynamic_sampling/padded_groups"]
+        assert h["frac_reward_zero_std"] == pytest.approx(silent / e["generated"])
+    return expected
+
+
+def test_dynamic_sampling_fills_the_batch_and_resumes_with_the_same_prompts(demo_dir, tmp_path):
+    recipe = _dynamic_recipe(3, 4)
+    history, steps, solutions = _only(
+        run_ranks(1, batch_recording_demo_worker, demo_dir, str(tmp_path / "a"), recipe)
+    )
+    expected = _check_dynamic(history, steps, solutions, 3)
+    # the run met each case: cut short at the bound (7 spread groups -> 6), full at the bound
+    # (with surplus), full before it
+    cases = {(e["dynamic_sampling/rounds"], e["dynamic_sampling/kept_groups"]) for e in expected}
+    assert {(3, 6), (3, 8), (2, 8)} <= cases, cases
+    assert any(e["dynamic_sampling/surplus_groups"] > 0 for e in expected)
+    # interrupted after step 2 and resumed: steps 3 and 4 draw the same prompts and groups
+    out = str(tmp_path / "b")
+    save = ["--save_strategy", "steps", "--save_steps", "2"]
+    run_ranks(1, batch_recording_demo_worker, demo_dir, out, recipe + save + ["--max_steps", "2"])
+    resumed, resumed_steps, _ = _only(
+        run_ranks(1, batch_recording_demo_worker, demo_dir, out, recipe + save)
+    )
+    _check_dynamic(resumed, resumed_steps, solutions, 3, first_step=2)
+    assert [s["prompt_rows"] for s in resumed_steps] == [s["prompt_rows"] for s in steps[2:]]
+    for a, b in zip(history[2:], resumed):  # the same completions, trained the same way
+        for key in ("entropy", "completions/mean_length", "reward_std", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_dynamic_sampling_with_async_rollouts_and_no_signal_at_all(demo_dir, tmp_path):
+    """One batch ahead; solutions that are multiples of 5 are rarer: a step cut short at the
+    bound, and one where no group of three rounds has a spread (it trains on 2 padded groups
+    with advantage 0, the run goes on)."""
+    recipe = _dynamic_recipe(5, 3) + ["--async_max_staleness", "1"]
+    history, steps, solutions = _only(
+        run_ranks(1, batch_recording_demo_worker, demo_dir, str(tmp_path / "r"), recipe)
+    )
+    expected = _check_dynamic(history, steps, solutions, 5)
+    assert [e["dynamic_sampling/padded_groups"] for e in expected] == [0, 0, 2]
+    assert steps[2]["advantages_n"] == [0.0] * 2 * DYN_G
+    assert [e["dynamic_sampling/kept_groups"] for e in expected] == [4, 4, 2]
+    assert max(h["rollout/staleness"] for h in history) <= 1
+    assert any(h["rollout/staleness"] == 1 for h in history)  # a first round overlapped

@@ -69,6 +69,34 @@ def test_colocated_vllm_on_one_and_two_ranks(demo_dir, tmp_path):
     assert tp2[0]["history"][1]["sampler_logprob_gap"] > 1e-4
 
 
+def test_dynamic_sampling_with_colocated_vllm_on_two_ranks(demo_dir, tmp_path):
+    """Data parallel over 2 ranks, each with its engine: rank 0 decides on every extra round,
+    both engines generate their halves of it. The reward gives a group a spread exactly when its
+    prompt's solution is a multiple of 3 (``_dynamic_expect``). The smallest batch two ranks
+    can train is 4 groups (2 per rank, micro-batches of 16 completions): step 1 has 7 groups
+    with a spread after 3 rounds and trains on 4, step 2 fills all 8."""
+    from _dynamic_expect import dynamic_expected
+    from _train_workers import batch_recording_demo_worker
+
+    recipe = SHORT + [
+        "--max_steps", "2", "--eval_strategy", "no", "--use_vllm", "true",
+        "--per_device_train_batch_size", "32",
+        "--reward_funcs", "_reward_fns:signal_when_divisible_by_3", "--reward_weights", "1.0",
+        "--dynamic_sampling", "true", "--max_generation_rounds", "3",
+    ]  # fmt: skip
+    ranks = run_ranks(2, batch_recording_demo_worker, demo_dir, str(tmp_path / "dyn"), recipe)
+    solutions = ranks[0][2]
+    expected = [dynamic_expected(solutions, s, 3, 3, multiple=4) for s in range(2)]
+    assert [e["dynamic_sampling/kept_groups"] for e in expected] == [4, 8]
+    for history, steps, _ in ranks:
+        for h, s, e in zip(history, steps, expected):
+            assert s["prompt_rows"] == e["rows"]
+            assert s["trained"] == 8 * e["dynamic_sampling/kept_groups"] // 2  # this rank's half
+            for key, value in e.items():
+                if key.startswith("dynamic_sampling/"):
+                    assert h[key] == value, key
+
+
 def test_demo_learns_with_colocated_vllm(demo_dir, tmp_path):
     out = str(tmp_path / "run")
     steps = ["--max_steps", "60", "--lr_scheduler_type", "constant", "--eval_strategy", "no"]

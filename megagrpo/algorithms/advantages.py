@@ -47,6 +47,16 @@ def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(count >= 2, std, torch.zeros_like(std)).squeeze(dim)
 
 
+def _is_zero(std_b: torch.Tensor) -> torch.Tensor:
+    return torch.isclose(std_b, torch.zeros_like(std_b))
+
+
+def zero_std_groups(rewards_n: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """bool [B]: the groups whose scored rewards are all equal, or that have fewer than two
+    scored members (std 0): no learning signal (``GroupStats.frac_zero_std`` counts them)."""
+    return _is_zero(_nanstd(rewards_n.double().view(-1, num_generations), dim=1))
+
+
 @dataclass(frozen=True)
 class GroupStats:
     """Per-completion advantage and the group statistics behind it."""
@@ -86,8 +96,7 @@ def group_advantages(
     else:
         adv_bg = centered_bg
     adv_bg = torch.where(valid_bg, adv_bg, torch.zeros_like(adv_bg))
-    # std is 0 for groups with fewer than two scored members: no learning signal either.
-    zero_std = torch.isclose(std_b.squeeze(1), torch.zeros_like(std_b.squeeze(1)))
+    zero_std = _is_zero(std_b.squeeze(1))
     dtype = rewards_n.dtype if rewards_n.is_floating_point() else torch.float32
     return GroupStats(
         advantages_n=adv_bg.reshape(-1).to(dtype),

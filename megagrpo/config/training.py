@@ -265,6 +265,18 @@ class GRPOConfig:
     mask_truncated_completions: bool = option(
         False, help="Leave completions cut at max_completion_length out of the loss (DAPO)."
     )
+    dynamic_sampling: bool = option(
+        False,
+        help="DAPO's dynamic sampling: drop the groups whose rewards all agree (zero std, no "
+        "learning signal) and generate groups of further prompts until the step has its batch "
+        "of groups, or max_generation_rounds is reached (then it trains on the groups it has). "
+        "See docs/dynamic_sampling.md.",
+    )
+    max_generation_rounds: int = option(
+        3,
+        help="With dynamic_sampling: generation rounds per step at most, the first included "
+        "(verl's max_num_gen_batches); >= 1.",
+    )
 
     # ---- rollout engines (vLLM) ----
     use_vllm: bool = option(

@@ -190,6 +190,7 @@ def _check_generation_and_loss(recipe: Recipe, errors: list[str]) -> None:
         errors.append(f"delta={t.delta} must be > 1 (it caps the ratio of negative advantages)")
     _check_entropy(t, errors)
     _at_least(errors, "num_iterations", t.num_iterations, 1)
+    _at_least(errors, "max_generation_rounds", t.max_generation_rounds, 1)
     if not (0.0 < t.vllm_gpu_memory_utilization <= 1.0):
         errors.append(
             f"vllm_gpu_memory_utilization={t.vllm_gpu_memory_utilization} must be in (0, 1]"

@@ -82,3 +82,57 @@ class PromptSampler:
                     f"{key}={getattr(self, key)}: resuming would silently change the data order"
                 )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+REFILL_SEED_OFFSET = 0x5EED_0F_D5
+"""Added to the run seed for the permutations the extra generation rounds draw from."""
+
+
+@dataclass(frozen=True)
+class GenerationRounds:
+    """Which prompts each generation round of a step draws (dynamic sampling).
+
+    Round 0 of step s takes the step's prompts, ``first.rows_at(s)``: the epochs, the data order
+    and their resume are those of a run without dynamic sampling. Round r >= 1 takes batch
+    ``s x (max_rounds - 1) + r - 1`` of a second stream of per-epoch permutations of the same
+    prompts (seeded apart from the first), less the prompts the step drew already: each step
+    owns ``max_rounds - 1`` slots of that stream, used or not, and its extra rounds' prompts are
+    new to it. So every round's prompts are a function of (seed, step, round) alone: async
+    rollouts generate a step's first round before earlier steps know how many rounds they need,
+    and a resumed run draws the same prompts without any state in the checkpoint. The epochs
+    (``steps_per_epoch``) count first rounds only.
+    """
+
+    first: PromptSampler
+    max_rounds: int
+
+    def __post_init__(self):
+        if not isinstance(self.max_rounds, int) or self.max_rounds < 1:
+            raise ValueError(f"max_generation_rounds must be an int >= 1, got {self.max_rounds!r}")
+
+    @property
+    def refill(self) -> PromptSampler:
+        f = self.first
+        return PromptSampler(
+            f.num_prompts,
+            f.prompts_per_step,
+            dp_rank=f.dp_rank,
+            dp_size=f.dp_size,
+            seed=f.seed + REFILL_SEED_OFFSET,
+        )
+
+    def rows_at(self, step: int, round_: int) -> list[int]:
+        """The prompt rows of round ``round_`` (0-based) of step ``step``: an extra round leaves
+        out the prompts the step's earlier rounds drew (so it may hold fewer, even none)."""
+        if not 0 <= round_ < self.max_rounds:
+            raise ValueError(f"round {round_} of step {step}: expected 0 .. {self.max_rounds - 1}")
+        rows = self.first.rows_at(step)
+        if round_ == 0:
+            return rows
+        drawn = set(rows)
+        refill = self.refill
+        for r in range(1, round_ + 1):
+            slot = refill.rows_at(step * (self.max_rounds - 1) + r - 1)
+            rows = [row for row in slot if row not in drawn]
+            drawn.update(rows)
+        return rows

@@ -65,6 +65,24 @@ class RewardScores:
         """Weighted sum over functions ignoring NaN; NaN where no function scored (TRL's)."""
         return weighted_rewards(self.rewards_nk, self.weights_k)
 
+    @classmethod
+    def concat(cls, parts: list[RewardScores]) -> RewardScores:
+        """The scores of several batches (the same functions), one after the other."""
+        first = parts[0]
+        if any(p.names != first.names for p in parts):
+            raise ValueError(f"scores of different functions: {[p.names for p in parts]}")
+        if len(parts) == 1:
+            return first
+        return cls(
+            rewards_nk=torch.cat([p.rewards_nk for p in parts]),
+            status_nk=torch.cat([p.status_nk for p in parts]),
+            names=list(first.names),
+            weights_k=first.weights_k,
+            seconds=sum(p.seconds for p in parts),
+            restarts=sum(p.restarts for p in parts),
+            error_messages=[m for p in parts for m in p.error_messages][:MAX_ERROR_MESSAGES],
+        )
+
     def by_name(self) -> dict[str, list[float | None]]:
         """Each function's scores as a list (None where NaN), for tables and logs."""
         return {

@@ -70,6 +70,17 @@ class EngineShare:
         a, b = contiguous_bounds(len(requests), self.count)[self.index]
         return list(requests[a:b])
 
+    def agree(self, value):
+        """Global rank 0's ``value`` on every rank of the share (a decision only rank 0 can
+        make, e.g. whether a step generates another round)."""
+        if self.group is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_root else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
     def gather(self, groups: list) -> list | None:
         """The whole batch's groups, in request order, on global rank 0 (None elsewhere)."""
         if self.group is None:

@@ -3,9 +3,11 @@
 Rank 0 holds the rollout engine (or the client of an engine pool) and the reward pool. For every
 step it turns the step's prompts into requests, gets ``num_generations`` completions per prompt
 (through ``AsyncRollout``: synchronously, or one batch ahead within ``async_max_staleness``),
-decodes them, scores them with every reward function, and computes group advantages over the
-whole generation batch. The result is broadcast to all ranks; each data-parallel rank trains on
-its contiguous share of whole groups. Legend: N completions of the step, K reward functions.
+decodes and scores them with every reward function (``score_round``), and computes group
+advantages over the whole generation batch (``assemble_step``; with dynamic sampling a step may
+have several rounds, and the batch is the groups kept from them). The result is broadcast to all
+ranks; each data-parallel rank trains on its contiguous share of whole groups. Legend: N
+completions of the step, K reward functions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megagrpo.algorithms.advantages import multi_objective_advantages
+from megagrpo.rewards.scores import RewardScores
 from megagrpo.training.batch import CompletionBatch
 
 
@@ -44,18 +47,25 @@ class StepData:
     """Rank 0 only: prompt and completion texts for the completions table."""
 
 
-def requests_for(rows, dataset, step: int, seed: int):
-    """One request per prompt; seeds depend on the run seed, step and prompt row only."""
+def requests_for(rows, dataset, step: int, seed: int, round_: int = 0):
+    """One request per prompt; seeds depend on the run seed, step, generation round (dynamic
+    sampling's extra rounds) and prompt row only."""
     from megagrpo.rollout.protocol import RolloutRequest
 
+    mask = (1 << 62) - 1
+    tag = f"{step}" if round_ == 0 else f"{step}.{round_}"
     return [
         RolloutRequest(
             prompt_ids=tuple(dataset[int(r)]["prompt_ids"]),
-            seed=(seed * 1_000_003 + step * 7919 + int(r)) & ((1 << 62) - 1),
-            request_id=f"{step}:{int(r)}",
+            seed=(seed * 1_000_003 + step * 7919 + int(r) + round_ * _ROUND_SEED_STRIDE) & mask,
+            request_id=f"{tag}:{int(r)}",
         )
         for r in rows
     ]
+
+
+_ROUND_SEED_STRIDE = 0x9E3779B97F4A7C15
+"""Moves the seeds of an extra round far from those of every step's first round."""
 
 
 def completion_metrics(completion_ids, finish_reasons) -> dict[str, float]:
@@ -91,27 +101,29 @@ def score_groups(groups, rows, dataset, tokenizer, scorer, reward_columns: dict[
     return completion_ids, texts, scorer.score(completions, columns, group_size)
 
 
-def score_and_advantage(
-    groups,
-    rows,
-    dataset,
-    tokenizer,
-    scorer,
-    reward_columns: dict[str, str],
-    num_generations: int,
-    scale_rewards: str,
-    step: int,
-    aggregation: str = "sum_then_normalize",
-) -> StepData:
-    """Rank 0: decode, score and compute advantages for a generated batch.
+@dataclass
+class ScoredRound:
+    """One generation round of a step, decoded and scored (rank 0)."""
 
-    ``reward_columns`` maps the name a reward function reads (``solution``) to the dataset
-    column that holds it (``dataset_solution_column``); ``aggregation`` is
-    ``multi_objective_aggregation``. ``step`` numbers the generation batch.
-    """
-    from megagrpo.rewards import reward_metrics
+    groups: list
+    """Groups of ``Sample`` (one per prompt row, ``num_generations`` each)."""
+    rows: list[int]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    scores: RewardScores
+    seconds: float
+    """Wall time of decoding and scoring."""
 
-    samples = [s for g in groups for s in g]
+    def total_n(self) -> torch.Tensor:
+        return self.scores.total_n()
+
+
+def score_round(
+    groups, rows, dataset, tokenizer, scorer, reward_columns: dict[str, str], num_generations: int
+) -> ScoredRound:
+    """Rank 0: decode and score a generated round. ``reward_columns`` maps the name a reward
+    function reads (``solution``) to the dataset column that holds it
+    (``dataset_solution_column``)."""
     if any(len(g) != num_generations for g in groups):
         raise RuntimeError(
             f"the rollout engine returned groups of sizes "
@@ -121,32 +133,67 @@ def score_and_advantage(
     completion_ids, texts, scores = score_groups(
         groups, rows, dataset, tokenizer, scorer, reward_columns
     )
-    total_n = scores.total_n()
+    return ScoredRound(
+        groups=list(groups),
+        rows=[int(r) for r in rows],
+        completion_ids=completion_ids,
+        texts=texts,
+        scores=scores,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def assemble_step(
+    rounds: list[ScoredRound],
+    kept: list[int] | None,
+    tokenizer,
+    num_generations: int,
+    scale_rewards: str,
+    step: int,
+    aggregation: str = "sum_then_normalize",
+) -> StepData:
+    """Rank 0: the StepData of the ``kept`` groups of a step's rounds (indices into their
+    groups, in order; None keeps all), advantages computed over the kept groups only
+    (``aggregation`` is ``multi_objective_aggregation``). The reward and completion metrics
+    describe every completion the step generated."""
+    from megagrpo.rewards import reward_metrics
+
+    g = num_generations
+    groups = [grp for r in rounds for grp in r.groups]
+    kept = list(range(len(groups))) if kept is None else kept
+    idx_n = [k * g + j for k in kept for j in range(g)]
+    samples = [s for k in kept for s in groups[k]]
+    every = [s for grp in groups for s in grp]
+    scores = RewardScores.concat([r.scores for r in rounds])
+    completion_ids = [c for r in rounds for c in r.completion_ids]
+    texts = [t for r in rounds for t in r.texts]
+    metrics = reward_metrics(scores, g)
+    metrics.update(completion_metrics(completion_ids, [s.finish_reason for s in every]))
+    metrics["time/scoring"] = sum(r.seconds for r in rounds)
+    total_n = scores.total_n()[idx_n]
     stats = multi_objective_advantages(
-        scores.rewards_nk, scores.weights_k, num_generations, scale_rewards, aggregation
+        scores.rewards_nk[idx_n], scores.weights_k, g, scale_rewards, aggregation
     )
-    metrics = reward_metrics(scores, num_generations)
-    metrics.update(completion_metrics(completion_ids, [s.finish_reason for s in samples]))
-    metrics["time/scoring"] = time.perf_counter() - t0
     prompt_texts = tokenizer.batch_decode(
-        [list(s.prompt_ids) for s in samples[::num_generations]], skip_special_tokens=False
+        [list(s.prompt_ids) for s in samples[::g]], skip_special_tokens=False
     )
+    rows = [row for r in rounds for row in r.rows]
     return StepData(
         step=step,
-        prompt_rows=[int(r) for r in rows],
+        prompt_rows=[rows[k] for k in kept],
         prompt_ids=[list(s.prompt_ids) for s in samples],
-        completion_ids=completion_ids,
+        completion_ids=[completion_ids[i] for i in idx_n],
         sampler_logprobs=[list(s.logprobs) for s in samples],
         finish_reasons=[s.finish_reason for s in samples],
         weight_versions=[int(s.weight_version) for s in samples],
-        rewards_nk=scores.rewards_nk,
+        rewards_nk=scores.rewards_nk[idx_n],
         reward_names=list(scores.names),
         rewards_n=total_n,
         advantages_n=stats.advantages_n,
         metrics=metrics,
         texts={
-            "prompts": [p for p in prompt_texts for _ in range(num_generations)],
-            "completions": texts,
+            "prompts": [p for p in prompt_texts for _ in range(g)],
+            "completions": [texts[i] for i in idx_n],
         },
     )
 
