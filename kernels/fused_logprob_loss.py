@@ -143,8 +143,10 @@ _LOGGED_UNFUSED: set[str] = set()
 def _log_unfused_once(reason: str) -> None:
     if reason not in _LOGGED_UNFUSED:
         _LOGGED_UNFUSED.add(reason)
-        logging.getLogger("megagrpo_kernels").info(
-            "logprob_grpo_loss: %s needs the unfused path (log-prob kernel, then loss kernel)",
+        # a warning, so that it shows without any logging set-up (once per reason)
+        logging.getLogger("megagrpo_kernels").warning(
+            "logprob_grpo_loss: %s needs the unfused path (the log-prob kernel, then the loss "
+            "kernel; same values, one more pass over the logits)",
             reason,
         )
 
