@@ -282,10 +282,31 @@ def test_triton_equals_trl(loss_type):
     assert n >= 4
 
 
+@pytest.mark.skipif(not TRITON_OK, reason=NO_TRITON)
+def test_triton_unfused_path_is_logged_once(caplog):
+    """A spec the single kernel cannot compute takes the chained kernels and says so once per
+    reason; a fusable one says nothing."""
+    from megagrpo_kernels import GRPOLossSpec, fused_logprob_loss
+
+    logits, ids, mask, old, sampler, ref, adv = _data()
+    fused_logprob_loss._LOGGED_UNFUSED.clear()
+    with caplog.at_level("WARNING", logger="megagrpo_kernels"):
+        for spec in (GRPOLossSpec(), GRPOLossSpec(objective="cispo", epsilon_high=3.0)):
+            logprob_grpo_loss(logits, ids, old, None, adv, mask, spec=spec, backend="triton")
+        assert caplog.records == []
+        for _ in range(2):
+            vespo = GRPOLossSpec(objective="vespo")
+            logprob_grpo_loss(logits, ids, old, None, adv, mask, spec=vespo, backend="triton")
+    assert [r.getMessage() for r in caplog.records] == [
+        "logprob_grpo_loss: objective='vespo' (a per-sequence weight) needs the unfused path "
+        "(the log-prob kernel, then the loss kernel; same values, one more pass over the logits)"
+    ]
+
+
 @only_without_triton_here
 def test_triton_cases_in_fresh_process():
     """Run this file's Triton cases in a fresh interpreter-mode process (see _kernel_backends)."""
-    run_triton_cases_in_fresh_process(__file__, "triton_equals")
+    run_triton_cases_in_fresh_process(__file__, "triton_equals or triton_unfused")
 
 
 def test_the_data_exercises_every_branch():
