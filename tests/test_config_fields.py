@@ -122,13 +122,16 @@ def test_choice_lists_are_defined_once_and_implemented():
     import typing
 
     from megagrpo.algorithms.loss_aggregation import LOSS_TYPES
-    from megagrpo.config.training import LOSS_TYPE_NAMES, LR_SCHEDULERS, SCALE_REWARDS
+    from megagrpo.algorithms.loss_variants import OBJECTIVES
+    from megagrpo.config.training import IS_MODES, LOSS_TYPE_NAMES, LR_SCHEDULERS, SCALE_REWARDS
 
     hints = typing.get_type_hints(GRPOConfig)
     assert typing.get_args(hints["loss_type"]) == LOSS_TYPE_NAMES
     assert typing.get_args(hints["scale_rewards"]) == SCALE_REWARDS
     assert typing.get_args(hints["lr_scheduler_type"]) == LR_SCHEDULERS
-    assert tuple(LOSS_TYPES) == LOSS_TYPE_NAMES  # every choice has its implementation
+    assert typing.get_args(hints["vllm_importance_sampling_mode"]) == IS_MODES
+    # every loss type has its aggregation and its per-token objective
+    assert tuple(LOSS_TYPES) == LOSS_TYPE_NAMES and tuple(OBJECTIVES) == LOSS_TYPE_NAMES
 
 
 def _trl_fields():
