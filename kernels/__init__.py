@@ -6,6 +6,8 @@ lazily, see :mod:`megagrpo_kernels.backend`).
 
 - :func:`logprobs`: ``logits [..., V] , targets [...] -> logp [...]`` (fp32), entropy on request,
   with backward; vocab-parallel with ``tp_group``.
+- :class:`GRPOLossSpec`: every knob of the per-token loss (objective: clip / cispo / sapo / vespo,
+  clipping, KL, importance-sampling level, masks), one frozen object.
 - :func:`grpo_loss`: per-token GRPO loss (TRL semantics) + clip fractions and mean KL.
 - :func:`logprob_grpo_loss`: logits straight to the loss (the training path).
 
