@@ -2,8 +2,12 @@
 
     python tools/plot_metrics.py outputs/demo/metrics.jsonl --out outputs/demo/plots
 
-One PNG per panel: rewards (total and per reward function), accuracy, KL, completion lengths,
-clip ratios, entropy and step time; a panel is skipped when the run logged none of its metrics.
+One PNG per panel: rewards (total and per reward function), accuracy (training, and held-out
+greedy, mean@k and pass@k), KL, completion lengths, clip ratios, entropy and step time; a panel
+is skipped when the run logged none of its metrics. Per-step series are noisy: they are drawn as
+faint raw points under a bold moving average. Evaluations (every eval_steps) are drawn as
+markers. A series identical to one already in its panel (``eval/rewards/accuracy_reward/mean``
+is ``eval/accuracy``) is named in that one's legend entry instead of hiding under it.
 """
 
 from __future__ import annotations
@@ -14,17 +18,33 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megagrpo.monitoring.curves import draw, series  # noqa: E402
 from megagrpo.monitoring.metrics_log import read_metrics  # noqa: E402
 
 PANELS = {
     "rewards": lambda k: k == "reward" or (k.startswith("rewards/") and k.endswith("/mean")),
-    "accuracy": lambda k: "accuracy" in k and not k.endswith("/std"),
+    "accuracy": lambda k: (
+        ("accuracy" in k and not k.endswith("/std")) or k.startswith(("eval/mean@", "eval/pass@"))
+    ),
     "kl": lambda k: k == "kl",
     "lengths": lambda k: k.startswith("completions/") and "length" in k,
     "clip_ratios": lambda k: k.startswith("clip_ratio/"),
     "entropy": lambda k: k == "entropy",
     "step_time": lambda k: k == "step_time" or k.startswith("time/"),
 }
+
+
+def _distinct(records: list[dict], keys: list[str]):
+    """(key, (steps, values), [keys with exactly the same points]) per distinct series."""
+    kept: list[tuple[str, tuple, list[str]]] = []
+    for key in keys:
+        pts = series(records, key)
+        twin = next((k for k in kept if k[1] == pts), None)
+        if twin is None:
+            kept.append((key, pts, []))
+        else:
+            twin[2].append(key)
+    return kept
 
 
 def plot(records: list[dict], out_dir: str) -> list[str]:
@@ -37,13 +57,12 @@ def plot(records: list[dict], out_dir: str) -> list[str]:
     keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float))})
     written = []
     for panel, wanted in PANELS.items():
-        series = [k for k in keys if wanted(k)]
-        if not series:
+        series_keys = [k for k in keys if wanted(k)]
+        if not series_keys:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in series:
-            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, marker=".")
+        for key, (steps, values), same in _distinct(records, series_keys):
+            draw(ax, steps, values, " = ".join([key, *same]))
         ax.set_xlabel("step")
         ax.set_title(panel)
         ax.grid(alpha=0.3)
