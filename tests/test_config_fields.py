@@ -136,7 +136,9 @@ def test_choice_lists_are_defined_once_and_implemented():
 
 def _trl_fields():
     """(class name, field name, default) of TRL's GRPOConfig, ModelConfig and ScriptArguments."""
-    import trl
+    from _trl import import_trl
+
+    trl = import_trl()
 
     for cls in (trl.GRPOConfig, trl.ModelConfig, trl.ScriptArguments):
         for f in dataclasses.fields(cls):
@@ -197,3 +199,18 @@ def test_refused_keys_error_at_other_values_and_pass_at_their_default(tmp_path):
         )
     assert set(r.unused) == {"use_peft", "optim", "lora_r"}
     assert any(issubclass(w.category, UnusedKeysWarning) for w in caught)
+
+
+def test_importing_trl_leaves_the_vllm_log_level_alone(monkeypatch):
+    """TRL's import sets VLLM_LOGGING_LEVEL=ERROR for the whole process (trl/_compat.py); the
+    tests import it through ``_trl.import_trl``, which undoes that, so vLLM processes spawned by
+    later tests still log their settings at INFO."""
+    import sys
+
+    from _trl import import_trl
+
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    for name in [m for m in sys.modules if m == "trl" or m.startswith("trl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    import_trl()
+    assert "VLLM_LOGGING_LEVEL" not in os.environ

@@ -67,10 +67,23 @@ def _trl_is_ratio(old, sampler, mask, mode):
     return ratio.masked_fill((ratio < CLIP_MIN) | (ratio > CLIP_MAX), 0.0)
 
 
+_ACCELERATOR = []
+
+
+def _accelerator():
+    """One CPU ``accelerate.Accelerator`` for every call (TRL gathers and reduces through it)."""
+    if not _ACCELERATOR:
+        from accelerate import Accelerator
+
+        _ACCELERATOR.append(Accelerator(cpu=True))
+    return _ACCELERATOR[0]
+
+
 def _trl_loss(cfg: GRPOConfig, logits, ids, mask, old, sampler, ref, adv, is_ratio):
     """TRL's ``_compute_loss`` on a bare GRPOTrainer; returns (loss, metrics)."""
-    import trl.trainer.grpo_trainer as trl_grpo  # after _kernel_backends: it imports triton
-    from accelerate import Accelerator
+    from _trl import import_trl
+
+    trl_grpo = import_trl("trl.trainer.grpo_trainer")  # after _kernel_backends: imports triton
 
     trainer = object.__new__(trl_grpo.GRPOTrainer)
 
@@ -95,7 +108,7 @@ def _trl_loss(cfg: GRPOConfig, logits, ids, mask, old, sampler, ref, adv, is_rat
             steps_per_generation=1,
             entropy_target=cfg.entropy_target,
         ),
-        accelerator=Accelerator(cpu=True),
+        accelerator=_accelerator(),
         model=SimpleNamespace(training=True),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=per_token,
