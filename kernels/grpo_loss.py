@@ -39,7 +39,7 @@ import torch
 from . import reference
 from .backend import resolve_backend, triton_module
 from .loss_spec import GRPOLossSpec
-from .policy_weights import policy_weight
+from .policy_weights import policy_weight, sequence_sums
 
 
 @dataclass
@@ -223,9 +223,9 @@ def phi_mean(phi_n, inputs: LossInputs):
     """VESPO's ``phi`` averaged over sequences (TRL's metric ``vespo/phi_seq_mean``)."""
     if phi_n is None:
         return None
-    count_s = torch.zeros(inputs.num_sequences, dtype=phi_n.dtype, device=phi_n.device)
-    count_s = count_s.index_add(0, inputs.seq_n, inputs.valid_n.to(phi_n.dtype))
-    per_token_n = phi_n * inputs.valid_n.to(phi_n.dtype) / count_s.clamp(min=1.0)[inputs.seq_n]
+    valid_f = inputs.valid_n.to(phi_n.dtype)
+    count_s = sequence_sums(valid_f, inputs.seq_n, inputs.num_sequences)
+    per_token_n = phi_n * valid_f / count_s.clamp(min=1.0)[inputs.seq_n]
     return per_token_n.sum() / max(inputs.num_sequences, 1)
 
 
