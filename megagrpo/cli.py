@@ -27,18 +27,21 @@ def _cmd_demo(args) -> int:
     import time
 
     from megagrpo.demo.grpo_demo import demo_recipe, learning_summary
+    from megagrpo.demo.report import PLOT_FILE, before_after_table, plot_before_after
     from megagrpo.monitoring.metrics_log import METRICS_FILE, read_metrics
     from megagrpo.training import build_run, train
 
     print(
-        f"megagrpo demo: GRPO on small additions with a tiny model, outputs in {args.output_dir}",
+        f"megagrpo demo: GRPO on small additions with a tiny model (seed {args.seed}), "
+        f"outputs in {args.output_dir}",
         flush=True,
     )
     overrides = [] if args.steps is None else ["--max_steps", str(max(args.steps, 1))]
     if args.steps == 0:  # the starting policy, not one resumed from an earlier demo's checkpoint
         overrides += ["--resume_from_checkpoint", "false"]
     t0 = time.perf_counter()
-    recipe = demo_recipe(args.output_dir, overrides)  # builds the data and the warm-started model
+    # builds the data and the warm-started model for this seed
+    recipe = demo_recipe(args.output_dir, overrides, seed=args.seed)
     t1 = time.perf_counter()
     run = build_run(recipe)
     if args.steps == 0:  # recipes take max_steps >= 1; train() then only evaluates and exports
@@ -47,33 +50,22 @@ def _cmd_demo(args) -> int:
     t2 = time.perf_counter()
     if run.groups.rank == 0:
         out = run.recipe.training.output_dir
-        s = learning_summary(read_metrics(os.path.join(out, METRICS_FILE)))
-        if "accuracy_first" in s:
-            print(
-                f"training reward (mean of 10 steps): {s['reward_first']:.3f} -> "
-                f"{s['reward_last']:.3f}; training accuracy {s['accuracy_first']:.3f} -> "
-                f"{s['accuracy_last']:.3f}"
-            )
-        else:
+        records = read_metrics(os.path.join(out, METRICS_FILE))
+        s = learning_summary(records)
+        num_test = None if run.data.test is None else len(run.data.test)
+        if "accuracy_first" not in s:
             print("no GRPO steps: the starting policy was evaluated and exported")
-        if "eval_accuracy_after" in s:
-            k = s["eval_k"]
-            print(
-                f"held-out accuracy (greedy): {s['eval_accuracy_before']:.3f} -> "
-                f"{s['eval_accuracy_after']:.3f}; mean@{k}: {s['eval_mean_k_before']:.3f} -> "
-                f"{s['eval_mean_k_after']:.3f}"
-            )
-        elif "eval_accuracy_before" in s:
-            print(
-                f"held-out accuracy (greedy): {s['eval_accuracy_before']:.3f}; "
-                f"mean@{s['eval_k']}: {s['eval_mean_k_before']:.3f}"
-            )
+        print(before_after_table(s, num_test))
+        plot = plot_before_after(
+            records, os.path.join(out, PLOT_FILE), f"megagrpo demo, seed {args.seed}"
+        )
         print(
             f"time: assets (data, tokenizer, warm-started model) {t1 - t0:.0f} s, GRPO training "
             f"with evaluations {t2 - t1:.0f} s, total {t2 - t0:.0f} s"
         )
+        print(f"before/after plot: {plot}")
         print(
-            f"metrics: {out}/{METRICS_FILE} (plot: python tools/plot_metrics.py "
+            f"metrics: {out}/{METRICS_FILE} (every curve: python tools/plot_metrics.py "
             f"{out}/{METRICS_FILE}); final model: {out}/final_model"
         )
     return 0
@@ -216,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GRPO steps (default: the demo recipe's max_steps); 0 builds the assets, evaluates "
         "the starting policy on the held-out set and exports it",
+    )
+    demo.add_argument(
+        "--seed",
+        type=_count,
+        default=0,
+        help="seeds the held-out split, the warm start and GRPO's sampling (default 0); the "
+        "assets in --output-dir are rebuilt when it changes",
     )
     convert = sub.add_parser("convert", help="convert checkpoints between HF and megatron")
     add_convert_arguments(convert)

@@ -1,61 +1,81 @@
-"""The demo's starting policy: a tiny model taught the answer format and some sums.
+"""The demo's starting policy: a tiny model taught the answer format and a little arithmetic.
 
 GRPO needs a policy that sometimes earns the reward. A randomly initialised model never writes
-``<answer>\\n\\boxed{8}\\n</answer>``, so the demo first runs a short supervised warm start on
-formatted examples of the training problems (``<think>\\n3+5\\n</think>\\n<answer>...``, the
-newlines of open-r1's format reward). It is deliberately short: the model learns the format
-and part of the addition table (about half of the training sums, few of the held-out ones),
-which leaves the rest to GRPO. The result is saved as an ordinary Hugging Face checkpoint next to
-the demo tokenizer.
+``<answer>\\n\\boxed{10}\\n</answer>``, so the demo first runs a short supervised warm start on
+worked solutions of the training problems (``<think>\\n3+5=8\\n8+2=10\\n</think>\\n<answer>...``,
+the newlines of open-r1's format reward). It is deliberately short, at a constant learning
+rate: the model writes the format, copies the numbers into its additions and is sure of its
+one-digit facts, some of them wrong (seed 0: 43% of the held-out problems right greedily, 20% of
+samples at temperature 1). GRPO improves such a sharp, partly wrong policy; a cosine-decayed warm
+start of the same length leaves a flat one (seed 0: 56% greedy but 9% of samples) whose greedy
+answers rest on near ties, and GRPO then lowered the held-out accuracy (docs/measurements.md).
+The result is saved as an ordinary Hugging Face checkpoint next to the demo tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 
 import torch
 
-from megagrpo.demo.arithmetic import DEMO_SYSTEM_PROMPT
+from megagrpo.demo.arithmetic import demo_messages, worked_solution
 from megagrpo.demo.tiny_models import tiny_hf_model
 from megagrpo.demo.tokenizer import save_demo_tokenizer
 
 
+@dataclasses.dataclass(frozen=True)
+class WarmStartConfig:
+    """The supervised warm start of the demo model."""
+
+    steps: int = 250  # optimizer steps of AdamW
+    lr: float = 1e-3  # peak learning rate
+    cosine: bool = False  # decay the learning rate to 0 over ``steps`` (else constant)
+    batch_size: int = 16  # worked solutions per step, drawn with replacement
+    seed: int = 0  # model initialisation and batch order
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"warm start needs steps >= 0, batch_size >= 1 and lr > 0: {self}")
+
+
 def demo_completion(problem: dict) -> str:
-    """The completion the warm start imitates, in the format open-r1's format reward checks."""
-    a, b = problem["problem"].removeprefix("What is ").removesuffix("?").split(" + ")
-    return f"<think>\n{a}+{b}\n</think>\n<answer>\n\\boxed{{{problem['solution']}}}\n</answer>"
+    """The completion the warm start imitates (see ``arithmetic.worked_solution``)."""
+    return worked_solution(problem)
 
 
-def warm_start(
-    directory: str,
-    train_rows: list[dict],
-    *,
-    steps: int = 400,
-    lr: float = 1e-3,
-    batch_size: int = 16,
-    seed: int = 0,
-):
-    """SFT the demo model on formatted examples of the training problems; saves tokenizer +
-    model into ``directory``."""
-    tok = save_demo_tokenizer(directory)
-    model = tiny_hf_model("qwen2-demo", len(tok), seed=seed).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    rng = random.Random(seed)
+def _examples(tok, train_rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per row: the chat prompt masked out, the completion + EOS learned."""
     encoded = []
     for row in train_rows:
         prompt = tok.apply_chat_template(
-            [
-                {"role": "system", "content": DEMO_SYSTEM_PROMPT},
-                {"role": "user", "content": row["problem"]},
-            ],
-            tokenize=False,
-            add_generation_prompt=True,
+            demo_messages(row["problem"]), tokenize=False, add_generation_prompt=True
         )
         p_ids = tok(prompt)["input_ids"]
         c_ids = tok(demo_completion(row) + tok.eos_token)["input_ids"]
         encoded.append((p_ids + c_ids, [-100] * len(p_ids) + c_ids))
-    for _ in range(steps):
-        batch = [rng.choice(encoded) for _ in range(batch_size)]
+    return encoded
+
+
+def warm_start(directory: str, train_rows: list[dict], config: WarmStartConfig = WarmStartConfig()):
+    """SFT the demo model on worked solutions of the training problems; saves tokenizer + model
+    into ``directory``."""
+    if not train_rows:
+        raise ValueError("warm start needs at least one training row")
+    tok = save_demo_tokenizer(directory)
+    model = tiny_hf_model("qwen2-demo", len(tok), seed=config.seed).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    cosine = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: (
+            0.5 * (1.0 + math.cos(math.pi * i / max(config.steps, 1))) if config.cosine else 1.0
+        ),
+    )
+    rng = random.Random(config.seed)
+    encoded = _examples(tok, train_rows)
+    for _ in range(config.steps):
+        batch = [rng.choice(encoded) for _ in range(config.batch_size)]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
         labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
@@ -63,5 +83,6 @@ def warm_start(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        cosine.step()
     model.eval().save_pretrained(directory)
     return model
