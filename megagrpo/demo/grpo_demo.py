@@ -41,7 +41,11 @@ def prepare_demo(output_dir: str, seed: int = 0) -> tuple[str, str]:
     paths = write_addition_dataset(data_dir, seed=seed)
     model_dir = os.path.join(output_dir, "model")
     config = WarmStartConfig(seed=seed)
-    settings = {"templates": list(TEMPLATES), "seed": seed, "warm_start": dataclasses.asdict(config)}
+    settings = {
+        "templates": list(TEMPLATES),
+        "seed": seed,
+        "warm_start": dataclasses.asdict(config),
+    }
     marker = os.path.join(model_dir, ASSETS_FILE)
     if os.path.isfile(os.path.join(model_dir, "model.safetensors")) and os.path.isfile(marker):
         with open(marker, encoding="utf-8") as f:

@@ -15,7 +15,6 @@ The result is saved as an ordinary Hugging Face checkpoint next to the demo toke
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 
 import torch
@@ -27,17 +26,20 @@ from megagrpo.demo.tokenizer import save_demo_tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class WarmStartConfig:
-    """The supervised warm start of the demo model."""
+    """The supervised warm start of the demo model (AdamW at a constant learning rate)."""
 
-    steps: int = 250  # optimizer steps of AdamW
-    lr: float = 1e-3  # peak learning rate
-    cosine: bool = False  # decay the learning rate to 0 over ``steps`` (else constant)
+    steps: int = 300  # optimizer steps
+    lr: float = 1e-3
     batch_size: int = 16  # worked solutions per step, drawn with replacement
     seed: int = 0  # model initialisation and batch order
+    threads: int = 1  # torch CPU threads: the model is too small to gain from more, and on a
+    # shared machine a second thread made it several times slower (docs/measurements.md)
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"warm start needs steps >= 0, batch_size >= 1 and lr > 0: {self}")
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or self.threads < 1:
+            raise ValueError(
+                f"warm start needs steps >= 0, batch_size >= 1, lr > 0 and threads >= 1: {self}"
+            )
 
 
 def demo_completion(problem: dict) -> str:
@@ -63,26 +65,24 @@ def warm_start(directory: str, train_rows: list[dict], config: WarmStartConfig =
     into ``directory``."""
     if not train_rows:
         raise ValueError("warm start needs at least one training row")
-    tok = save_demo_tokenizer(directory)
-    model = tiny_hf_model("qwen2-demo", len(tok), seed=config.seed).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    cosine = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: (
-            0.5 * (1.0 + math.cos(math.pi * i / max(config.steps, 1))) if config.cosine else 1.0
-        ),
-    )
-    rng = random.Random(config.seed)
-    encoded = _examples(tok, train_rows)
-    for _ in range(config.steps):
-        batch = [rng.choice(encoded) for _ in range(config.batch_size)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
-        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        cosine.step()
-    model.eval().save_pretrained(directory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        tok = save_demo_tokenizer(directory)
+        model = tiny_hf_model("qwen2-demo", len(tok), seed=config.seed).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        rng = random.Random(config.seed)
+        encoded = _examples(tok, train_rows)
+        for _ in range(config.steps):
+            batch = [rng.choice(encoded) for _ in range(config.batch_size)]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
+            labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval().save_pretrained(directory)
+    finally:
+        torch.set_num_threads(threads)
     return model
