@@ -63,9 +63,18 @@ def test_demo_command_runs_grpo(demo_output):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "megagrpo demo: GRPO on small additions" in r.stdout
     assert re.search(r"step 3 \| reward=", r.stdout)
-    assert re.search(r"training reward \(mean of 10 steps\): \S+ -> \S+", r.stdout)
-    assert re.search(r"held-out accuracy \(greedy\): \S+ -> \S+; mean@8: \S+ -> \S+", r.stdout)
+    # the before/after table: held-out greedy and mean@8 accuracy, training reward and accuracy
+    num = r"(\d\.\d{3}) +(\d\.\d{3}) +([+-]\d\.\d{3})"
+    greedy = re.search(r"held-out \(100 problems\) greedy accuracy +" + num, r.stdout)
+    before, after, change = map(float, greedy.groups())
+    assert after - before == pytest.approx(change, abs=2e-3)
+    assert re.search(r"held-out \(100 problems\) mean@8 accuracy +" + num, r.stdout)
+    assert re.search(r"training reward \(10-step mean\) +" + num, r.stdout)
+    assert re.search(r"training accuracy \(10-step mean\) +" + num, r.stdout)
     assert re.search(r"time: assets .* \d+ s, GRPO training .* \d+ s, total \d+ s", r.stdout)
+    plot = re.search(r"before/after plot: (\S+)", r.stdout)
+    assert plot and plot[1] == str(out / "run" / "before_after.png")
+    assert (out / "run" / "before_after.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "run" / "final_model" / "model.safetensors").is_file()
     # the held-out evaluation before training (step 0), then steps 1-3
     assert len((out / "run" / "metrics.jsonl").read_text().splitlines()) == 4
@@ -80,11 +89,11 @@ def test_demo_with_zero_steps_evaluates_and_exports_the_starting_policy(demo_out
     r = _cli("demo", "--output-dir", str(out), "--steps", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no GRPO steps: the starting policy was evaluated and exported" in r.stdout
-    assert re.search(r"held-out accuracy \(greedy\): [\d.]+; mean@8: [\d.]+\n", r.stdout)
+    assert re.search(r"held-out \(100 problems\) greedy accuracy +\d\.\d{3} +- +-\n", r.stdout)
     assert not re.search(r"step 1 \|", r.stdout)
     records = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [0] and "eval/accuracy" in records[0]
-    assert sorted(os.listdir(out / "run")) == ["final_model", "metrics.jsonl"]  # no checkpoint
+    assert sorted(os.listdir(out / "run")) == ["before_after.png", "final_model", "metrics.jsonl"]
     start = load_file(out / "model" / "model.safetensors")
     final = load_file(out / "run" / "final_model" / "model.safetensors")
     assert start.keys() == final.keys()

@@ -106,21 +106,14 @@ def run_trl(assets: str, steps: int, out: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from megagrpo.demo.arithmetic import DEMO_SYSTEM_PROMPT
+    from megagrpo.demo.arithmetic import demo_messages
     from megagrpo.rewards import accuracy_reward, format_reward, tag_count_reward
 
     s = SETTINGS
     raw = datasets.load_dataset(
         "json", data_files=os.path.join(assets, "data", "train.jsonl"), split="train"
     )
-    ds = raw.map(
-        lambda r: {
-            "prompt": [
-                {"role": "system", "content": DEMO_SYSTEM_PROMPT},
-                {"role": "user", "content": r["problem"]},
-            ]
-        }
-    )
+    ds = raw.map(lambda r: {"prompt": demo_messages(r["problem"])})
     config = GRPOConfig(
         output_dir=out,
         max_steps=steps,

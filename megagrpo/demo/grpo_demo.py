@@ -89,9 +89,9 @@ def demo_recipe_at(
 
 
 def learning_summary(records: list[dict], window: int = 10) -> dict:
-    """Before / after: mean reward and training accuracy of the first and last ``window`` steps,
-    and the held-out evaluation at the start (step 0) and at the end (``_after`` keys only when
-    there was a later evaluation), from the logged records."""
+    """Before / after, from the logged records: mean reward and training accuracy of the first
+    and last ``window`` steps (no keys when there was no step), and the held-out evaluation at
+    the start (step 0) and at the end (``_after`` keys only when there was a later one)."""
     steps = [r for r in records if "reward" in r]
     evals = [r for r in records if "eval/accuracy" in r]
 
@@ -99,10 +99,11 @@ def learning_summary(records: list[dict], window: int = 10) -> dict:
         vals = [r[key] for r in rows if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    out = {
-        "reward_first": mean(steps[:window], "reward"),
-        "reward_last": mean(steps[-window:], "reward"),
-    }
+    out = {}
+    if steps:
+        out.update(
+            reward_first=mean(steps[:window], "reward"), reward_last=mean(steps[-window:], "reward")
+        )
     acc = (
         next(
             (k for k in steps[0] if k.startswith("rewards/accuracy") and k.endswith("/mean")), None
