@@ -1,15 +1,14 @@
-"""The demo's starting policy: a tiny model taught the answer format and a little arithmetic.
+"""The demo's starting policy: a tiny model taught the answer format and part of the facts.
 
 GRPO needs a policy that sometimes earns the reward. A randomly initialised model never writes
-``<answer>\\n\\boxed{10}\\n</answer>``, so the demo first runs a short supervised warm start on
-worked solutions of the training problems (``<think>\\n3+5=8\\n8+2=10\\n</think>\\n<answer>...``,
-the newlines of open-r1's format reward). It is deliberately short, at a constant learning
-rate: the model writes the format, copies the numbers into its additions and is sure of its
-one-digit facts, some of them wrong (seed 0: 43% of the held-out problems right greedily, 20% of
-samples at temperature 1). GRPO improves such a sharp, partly wrong policy; a cosine-decayed warm
-start of the same length leaves a flat one (seed 0: 56% greedy but 9% of samples) whose greedy
-answers rest on near ties, and GRPO then lowered the held-out accuracy (docs/measurements.md).
-The result is saved as an ordinary Hugging Face checkpoint next to the demo tokenizer.
+``<answer>\\n\\boxed{8}\\n</answer>``, so the demo first runs a short supervised warm start on
+worked solutions of the training problems (``<think>\\n3+5\\n</think>\\n<answer>...``, the
+newlines of open-r1's format reward). It is deliberately short (300 steps of 16 examples at a
+constant learning rate): the model writes the format and knows part of the 100 facts, about
+45% of the held-out problems right greedily and 27% of samples at temperature 1 (seeds 0-2),
+which leaves the rest to GRPO. After 250 steps the format was unsure (71-82% of samples well
+formed) and GRPO spent its first 100 steps on it (docs/measurements.md). The result is saved
+as an ordinary Hugging Face checkpoint next to the demo tokenizer.
 """
 
 from __future__ import annotations
