@@ -157,13 +157,20 @@ def _update(groups, chunks, ddp, batch, loss_type_name, spec, need_old, entropy_
     return {"metrics": metrics, "grads": grads, "pp_rank": groups.pp_rank}
 
 
+# The tests' short runs of the demo recipe train from their first step: the recipe's 10% warmup
+# would give the first update (of a run of up to 10 steps) a learning rate of 0.
+NO_WARMUP = ["--warmup_ratio", "0"]
+
+
 def demo_run_worker(demo_dir, out_dir, overrides, tp=1, pp=1):
     """Train the demo recipe (its data and warm-started model already in demo_dir)."""
     from megagrpo.demo.grpo_demo import demo_recipe_at
     from megagrpo.training import build_run, train
 
     parallel = ["--tensor_model_parallel_size", str(tp), "--pipeline_model_parallel_size", str(pp)]
-    recipe = demo_recipe_at(demo_dir, out_dir, [*parallel, "--num_reward_workers", "1", *overrides])
+    recipe = demo_recipe_at(
+        demo_dir, out_dir, [*parallel, "--num_reward_workers", "1", *NO_WARMUP, *overrides]
+    )
     run = build_run(recipe)
     history = train(run)
     return history if run.groups.rank == 0 else None
@@ -343,7 +350,9 @@ def built_reference_worker(demo_dir, out_dir, overrides):
     from megagrpo.demo.grpo_demo import demo_recipe_at
     from megagrpo.training import build_run
 
-    recipe = demo_recipe_at(demo_dir, out_dir, ["--num_reward_workers", "1", *overrides])
+    recipe = demo_recipe_at(
+        demo_dir, out_dir, ["--num_reward_workers", "1", *NO_WARMUP, *overrides]
+    )
     run = build_run(recipe)
     try:
         params = [p.detach().clone() for c in run.reference.chunks for p in c.parameters()]
@@ -384,7 +393,9 @@ def batch_recording_demo_worker(demo_dir, out_dir, overrides):
         return batch
 
     loop.broadcast_step, loop.local_batch = broadcast_step, local_batch
-    recipe = demo_recipe_at(demo_dir, out_dir, ["--num_reward_workers", "1", *overrides])
+    recipe = demo_recipe_at(
+        demo_dir, out_dir, ["--num_reward_workers", "1", *NO_WARMUP, *overrides]
+    )
     run = build_run(recipe)
     solutions = [row["solution"] for row in run.data.train] if run.data is not None else None
     history = train(run)

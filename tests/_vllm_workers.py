@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import torch
+from _train_workers import NO_WARMUP
 
 TEMPERATURE = 0.8
 
@@ -164,7 +165,7 @@ def colocated_train_worker(demo_dir, out_dir, overrides, tp=1):
         demo_dir,
         out_dir,
         ["--tensor_model_parallel_size", str(tp), "--num_reward_workers", "1", "--use_vllm",
-         "true", *overrides],
+         "true", *NO_WARMUP, *overrides],
     )  # fmt: skip
     run = build_run(recipe)
     share = run.rollout.share

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from _dynamic_expect import SEED as DYN_SEED
 from _dynamic_expect import dynamic_expected
 from _multiproc import run_ranks
 from _train_workers import batch_recording_demo_worker, demo_run_worker
@@ -358,6 +359,7 @@ DYN_GROUPS, DYN_G, DYN_ROUNDS = 8, 8, 3
 
 def _dynamic_recipe(k: int, steps: int) -> list[str]:
     return SHORT + [
+        "--seed", str(DYN_SEED),
         "--max_steps", str(steps),
         "--lr_scheduler_type", "constant",
         "--reward_funcs", f"_reward_fns:signal_when_divisible_by_{k}",
@@ -402,8 +404,8 @@ def test_dynamic_sampling_fills_the_batch_and_resumes_with_the_same_prompts(demo
         run_ranks(1, batch_recording_demo_worker, demo_dir, str(tmp_path / "a"), recipe)
     )
     expected = _check_dynamic(history, steps, solutions, 3)
-    # the run met each case: cut short at the bound (7 spread groups -> 6), full at the bound
-    # (with surplus), full before it
+    # the run met each case: cut short at the bound (6 spread groups after 3 rounds), full at
+    # the bound (with surplus), full before it
     cases = {(e["dynamic_sampling/rounds"], e["dynamic_sampling/kept_groups"]) for e in expected}
     assert {(3, 6), (3, 8), (2, 8)} <= cases, cases
     assert any(e["dynamic_sampling/surplus_groups"] > 0 for e in expected)

@@ -73,13 +73,13 @@ def test_dynamic_sampling_with_colocated_vllm_on_two_ranks(demo_dir, tmp_path):
     """Data parallel over 2 ranks, each with its engine: rank 0 decides on every extra round,
     both engines generate their halves of it. The reward gives a group a spread exactly when its
     prompt's solution is a multiple of 3 (``_dynamic_expect``). The smallest batch two ranks
-    can train is 4 groups (2 per rank, micro-batches of 16 completions): step 1 has 7 groups
+    can train is 4 groups (2 per rank, micro-batches of 16 completions): step 1 has 6 groups
     with a spread after 3 rounds and trains on 4, step 2 fills all 8."""
-    from _dynamic_expect import dynamic_expected
+    from _dynamic_expect import SEED, dynamic_expected
     from _train_workers import batch_recording_demo_worker
 
     recipe = SHORT + [
-        "--max_steps", "2", "--eval_strategy", "no", "--use_vllm", "true",
+        "--seed", str(SEED), "--max_steps", "2", "--eval_strategy", "no", "--use_vllm", "true",
         "--per_device_train_batch_size", "32",
         "--reward_funcs", "_reward_fns:signal_when_divisible_by_3", "--reward_weights", "1.0",
         "--dynamic_sampling", "true", "--max_generation_rounds", "3",
