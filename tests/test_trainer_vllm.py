@@ -36,13 +36,14 @@ def _same_over_ranks(results):
 
 def test_colocated_vllm_on_one_and_two_ranks(demo_dir, tmp_path):
     steps = SHORT + CHECKED + ["--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "3"]
+    steps += ["--eval_max_prompts", "20"]  # of the 100 held-out problems: the test's time
     one = run_ranks(1, colocated_train_worker, demo_dir, str(tmp_path / "one"), steps)[0]
     assert one["engine"] == "VLLMEngine" and one["share"] == (0, 1, True, True)
     first = one["history"][0]
     assert first["sampler_logprob_gap"] < 1e-4  # vLLM samples from the trainer's distribution
     assert all(h["sampler_logprob_gap"] < 1e-4 for h in one["history"])  # synced every step
     last = one["history"][-1]
-    assert 0.0 <= last["eval/accuracy"] <= 1.0 and last["eval/num_prompts"] == 100
+    assert 0.0 <= last["eval/accuracy"] <= 1.0 and last["eval/num_prompts"] == 20
 
     dp2 = run_ranks(
         2, colocated_train_worker, demo_dir, str(tmp_path / "dp2"),
@@ -53,7 +54,7 @@ def test_colocated_vllm_on_one_and_two_ranks(demo_dir, tmp_path):
     _same_over_ranks(dp2)
     # each group's seed is its own: the step-1 batch (same weights) is the single engine's
     assert _rewards(dp2[0])[0] == _rewards(one)[0]
-    assert dp2[0]["history"][-1]["eval/num_prompts"] == 100  # both ranks' shares gathered
+    assert dp2[0]["history"][-1]["eval/num_prompts"] == 20  # both ranks' shares gathered
     assert "eval/accuracy" not in dp2[1]["history"][-1]  # rank 0 scores and logs
 
     tp2 = run_ranks(
