@@ -13,10 +13,7 @@ import json
 import os
 import random
 
-CODE_SYSTEM_PROMPT = (
-    "Think in <think> </think>, then answer in <answer> </answer> with a Python program in a "
-    "```python block that reads the input from stdin and prints the result."
-)
+CODE_SYSTEM_PROMPT = "Think in <think> </think>, answer in <answer> </answer>: a ```python program."
 
 # (task text, reference program, python function computing the expected output from the input)
 _TASKS = [

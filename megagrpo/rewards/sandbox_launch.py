@@ -208,6 +208,7 @@ def main() -> None:
     except OSError as e:
         if cfg["strict"]:
             fail(f"cannot create user, PID and network namespaces (unshare: {e.strerror})")
+    die_with_parent(cfg["parent"])  # entering a user namespace cleared the parent-death signal
     me = os.getpid()
     p1 = os.fork()
     if p1:
