@@ -97,3 +97,34 @@ def test_bad_verification_info_stops_before_training(tmp_path, tiny_checkpoint):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"column\(s\) \['verification_info'\] not found"):
         load_prompt_data(recipe, tok, dp_size=1)
+
+
+def test_code_keys_are_honoured_or_refused(tmp_path):
+    """Every open-r1 code_* key is a field that reaches the rewards, or an error naming it."""
+    from megagrpo.config import ConfigError, load_recipe
+    from megagrpo.config.validate import validate_recipe
+    from megagrpo.rewards.registry import build_reward_functions
+
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--reward_funcs", "code,code_format"]
+    r = load_recipe(
+        None,
+        [*base, "--code_language", "python", "--code_eval_test_batch_size", "-1",
+         "--code_eval_scoring_mode", "weighted_sum", "--code_timeout_seconds", "3",
+         "--code_memory_mb", "256", "--code_cpu_seconds", "2", "--code_max_output_bytes", "100"],
+    )  # fmt: skip
+    assert not r.unused
+    validate_recipe(r)
+    code, fmt = build_reward_functions(r.script)
+    assert code.kwargs == {
+        "provider": "local", "scoring_mode": "weighted_sum", "test_batch_size": -1,
+        "binary": False, "timeout_seconds": 3.0, "cpu_seconds": 2, "memory_mb": 256,
+        "max_output_bytes": 100, "strict": True,
+    }  # fmt: skip
+    assert fmt.kwargs == {"language": "python"}
+    for provider in ("e2b", "morph"):
+        with pytest.raises(ConfigError, match=rf"code_provider='{provider}': megagrpo runs"):
+            validate_recipe(load_recipe(None, [*base, "--code_provider", provider]))
+    with pytest.raises(ConfigError, match=r"code_timeout_seconds=10.0 must be below"):
+        validate_recipe(load_recipe(None, [*base, "--code_timeout_seconds", "10"]))
+    with pytest.raises(ConfigError, match=r"code_eval_scoring_mode"):
+        load_recipe(None, [*base, "--code_eval_scoring_mode", "best"])
