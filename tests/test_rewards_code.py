@@ -52,7 +52,10 @@ def test_code_format_open_r1_cases_and_strictness():
         "<think>\nHere's an example:\n```python\nx = 1\n```\nNow the solution:\n</think>\n"
         "<answer>\n```python\ndef solution():\n    return 42\n```\n</answer>"
     )
-    js_answer = "<think>\nAnalysis\n</think>\n<answer>\n```javascript\nconsole.log('hello');\n```\n</answer>"
+    js_answer = (
+        "<think>\nAnalysis\n</think>\n<answer>\n```javascript\nconsole.log('hello');\n```\n"
+        "</answer>"
+    )
     assert py([_c(correct), _c(two_blocks), _c(js_answer)]) == [1.0, 1.0, 0.0]
     assert js([_c(js_answer)]) == [1.0]
     assert py([_c(t) for t in OPEN_R1_INCORRECT]) == [0.0] * 5
@@ -82,17 +85,24 @@ def test_extract_code_and_outputs_match():
     assert outputs_match("", "\n")
 
 
+PY = "python"
+
+
 @pytest.mark.parametrize(
     "value, message",
     [
         (None, "holds NoneType; expected {'language': ..., 'test_cases': [...]}"),
         ("{bad json", "is a string that is not valid JSON"),
         ({"test_cases": []}, "has no 'language' string"),
-        ({"language": "cpp", "test_cases": []}, "has language 'cpp': the local code sandbox runs python programs only"),
-        ({"language": "python", "test_cases": []}, "has no 'test_cases' list with at least one"),
-        ({"language": "python", "test_cases": [{"input": "1"}]}, "test_cases[0]['output'] is missing; expected a string"),
-        ({"language": "python", "test_cases": [{"input": 1, "output": "1"}]}, "test_cases[0]['input'] is int"),
-        ({"language": "python", "test_cases": [{"input": "", "output": "", "type": "function_call"}]}, "only 'stdin_stdout' tests"),
+        ({"language": "cpp", "test_cases": []},
+         "has language 'cpp': the local code sandbox runs python programs only"),
+        ({"language": PY, "test_cases": []}, "has no 'test_cases' list with at least one"),
+        ({"language": PY, "test_cases": [{"input": "1"}]},
+         "test_cases[0]['output'] is missing; expected a string"),
+        ({"language": PY, "test_cases": [{"input": 1, "output": "1"}]},
+         "test_cases[0]['input'] is int"),
+        ({"language": PY, "test_cases": [{"input": "", "output": "", "type": "function_call"}]},
+         "only 'stdin_stdout' tests"),
     ],
 )  # fmt: skip
 def test_bad_verification_info_names_sample_and_column(value, message):
@@ -196,14 +206,18 @@ def test_hostile_programs_score_zero_within_limits_and_leave_nothing(tmp_path, m
         "infinite loop": "while True:\n    pass",
         "sleep forever": "import time\ntime.sleep(10**6)",
         "fork bomb": "import os\nwhile True:\n    os.fork()",
-        "subprocess": "import subprocess\nprint(subprocess.run(['echo', 'OK'], capture_output=True).stdout.decode())",
+        "subprocess": "import subprocess\nprint(subprocess.run(['echo', 'OK'], "
+                      "capture_output=True).stdout.decode())",
         "10 GB allocation": "x = bytearray(10 * 2**30)\nprint('OK')",
-        "write outside": f"open({str(victim)!r}, 'w').write('pwned')\nopen({str(tmp_path / 'new.txt')!r}, 'w').write('x')\nprint('OK')",
+        "write outside": f"open({str(victim)!r}, 'w').write('pwned')\n"
+                         f"open({str(tmp_path / 'new.txt')!r}, 'w').write('x')\nprint('OK')",
         "write /tmp": "open('/tmp/megagrpo-escape.txt', 'w').write('x')\nprint('OK')",
         "read trainer env": "import os\nprint(os.environ.get('MEGAGRPO_TEST_SECRET'))",
         "read trainer /proc environ": f"print(open('/proc/{me}/environ', 'rb').read())",
-        "tcp socket": f"import socket\nsocket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}), timeout=1)\nprint('OK')",
-        "udp socket": f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ('127.0.0.1', {udp.getsockname()[1]}))\nprint('OK')",
+        "tcp socket": f"import socket\nsocket.create_connection(('127.0.0.1', "
+                      f"{tcp.getsockname()[1]}), timeout=1)\nprint('OK')",
+        "udp socket": "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                      f"s.sendto(b'x', ('127.0.0.1', {udp.getsockname()[1]}))\nprint('OK')",
         "kill parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint('OK')",
         "kill trainer": f"import os, signal\nos.kill({me}, signal.SIGKILL)\nprint('OK')",
         "kill everything": "import os, signal\nos.kill(-1, signal.SIGKILL)\nprint('OK')",
@@ -238,7 +252,8 @@ def test_runs_end_for_the_right_reason_within_limits():
         ("import time\ntime.sleep(100)", ""),
         ("x = bytearray(10 * 2**30)", ""),
         ("while True:\n    print('x' * 4096)", ""),
-        ("import os, sys\nprint(sorted(os.environ), os.getcwd() == os.environ['HOME'], os.listdir('.'), sys.stdin.read())", "in put"),
+        ("import os, sys\nprint(sorted(os.environ), os.getcwd() == os.environ['HOME'], "
+         "os.listdir('.'), sys.stdin.read())", "in put"),
     ]  # fmt: skip
     limits = SandboxConfig(timeout_seconds=2.5, cpu_seconds=1, memory_mb=256, max_output_bytes=8192)
     results = run_programs(jobs, limits)
@@ -247,7 +262,10 @@ def test_runs_end_for_the_right_reason_within_limits():
     assert 2.4 < results[1].seconds < 4.0
     assert "MemoryError" in results[2].stderr
     assert len(results[3].stdout) == 8192
-    assert results[4].stdout == "['HOME', 'LANG', 'LC_ALL', 'PATH', 'TMPDIR'] True ['main.py'] in put\n"
+    assert (
+        results[4].stdout
+        == "['HOME', 'LANG', 'LC_ALL', 'PATH', 'TMPDIR'] True ['main.py'] in put\n"
+    )
     assert all(not os.path.exists(r.workdir) for r in results)  # directories deleted
     assert _leftovers() == []
 

@@ -51,7 +51,8 @@ def test_grpo_on_the_code_task_logs_the_code_reward(tmp_path, tiny_checkpoint):
     write_code_dataset(data)
     out = str(tmp_path / "run")
     history = next(
-        r for r in run_ranks(1, code_run_worker, tiny_checkpoint("qwen2-demo"), data, out, SHORT)
+        r
+        for r in run_ranks(1, code_run_worker, tiny_checkpoint("qwen2-demo"), data, out, SHORT)
         if r is not None
     )
     assert [h["step"] for h in history] == [1, 2]
@@ -67,11 +68,12 @@ def test_grpo_on_the_code_task_logs_the_code_reward(tmp_path, tiny_checkpoint):
 
 
 def test_bad_verification_info_stops_before_training(tmp_path, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    from megagrpo.config import load_recipe
     from megagrpo.data.errors import DataError
     from megagrpo.demo.grpo_demo import DEMO_RECIPE
     from megagrpo.training.prompt_data import load_prompt_data
-    from megagrpo.config import load_recipe
-    from transformers import AutoTokenizer
 
     rows = code_problems()
     rows[3]["verification_info"] = {"language": "cpp", "test_cases": []}
@@ -105,7 +107,14 @@ def test_code_keys_are_honoured_or_refused(tmp_path):
     from megagrpo.config.validate import validate_recipe
     from megagrpo.rewards.registry import build_reward_functions
 
-    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--reward_funcs", "code,code_format"]
+    base = [
+        "--model_name_or_path",
+        "m",
+        "--dataset_name",
+        "d",
+        "--reward_funcs",
+        "code,code_format",
+    ]
     r = load_recipe(
         None,
         [*base, "--code_language", "python", "--code_eval_test_batch_size", "-1",

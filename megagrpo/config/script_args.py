@@ -188,9 +188,7 @@ class GRPOScriptArguments:
     code_cpu_seconds: int = option(
         5, help="CPU time (RLIMIT_CPU) of one program run on one test case."
     )
-    code_memory_mb: int = option(
-        512, help="Address space (RLIMIT_AS) of one program run, in MiB."
-    )
+    code_memory_mb: int = option(512, help="Address space (RLIMIT_AS) of one program run, in MiB.")
     code_max_output_bytes: int = option(
         1048576, help="Most stdout bytes of one program run; past it the run is killed."
     )

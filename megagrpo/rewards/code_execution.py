@@ -3,7 +3,8 @@
 The program is the last fenced ```` ```python ```` block of the completion (open-r1's
 ``extract_code``). Test cases come from the ``verification_info`` column, open-r1's shape::
 
-    {"language": "python", "test_cases": [{"input": "1 2\\n", "output": "3\\n", "type": "stdin_stdout"}]}
+    {"language": "python",
+     "test_cases": [{"input": "1 2\\n", "output": "3\\n", "type": "stdin_stdout"}]}
 
 (a dict, or the same as a JSON string). Each test case runs the program in the local sandbox
 (``sandbox.py``) with the input on stdin; it passes when the program exits 0 within the limits
@@ -64,7 +65,10 @@ def _problem(value) -> str | None:
         return f"holds {type(value).__name__}; expected {{'language': ..., 'test_cases': [...]}}"
     language = value.get("language")
     if not isinstance(language, str):
-        return "has no 'language' string (open-r1's shape: {'language': 'python', 'test_cases': [...]})"
+        return (
+            "has no 'language' string (open-r1's shape: {'language': 'python', 'test_cases': "
+            "[...]})"
+        )
     if language.lower() not in RUNNABLE_LANGUAGES:
         return (
             f"has language {language!r}: the local code sandbox runs "
@@ -75,7 +79,8 @@ def _problem(value) -> str | None:
         return "has no 'test_cases' list with at least one {'input': str, 'output': str}"
     for k, case in enumerate(cases):
         if not isinstance(case, dict):
-            return f"test_cases[{k}] holds {type(case).__name__}; expected {{'input': str, 'output': str}}"
+            what = type(case).__name__
+            return f"test_cases[{k}] holds {what}; expected {{'input': str, 'output': str}}"
         for key in ("input", "output"):
             if not isinstance(case.get(key), str):
                 got = "missing" if case.get(key) is None else type(case[key]).__name__
@@ -123,7 +128,9 @@ def score_program(code: str, cases, sandbox: SandboxConfig, mode: str, batch_siz
     passed = 0
     for batch in _batches(list(cases), batch_size):
         results = run_programs([(code, c.input) for c in batch], sandbox)
-        ok = [r.status == "ok" and outputs_match(r.stdout, c.output) for r, c in zip(results, batch)]
+        ok = [
+            r.status == "ok" and outputs_match(r.stdout, c.output) for r, c in zip(results, batch)
+        ]
         passed += sum(ok)
         if mode == "pass_fail" and not all(ok):
             return 0.0
@@ -143,7 +150,9 @@ def _check(provider, mode, batch_size) -> None:
             "and Morph sandboxes are remote services it does not call); set code_provider: local"
         )
     if mode not in SCORING_MODES:
-        raise ValueError(f"code_eval_scoring_mode={mode!r}; expected one of {', '.join(SCORING_MODES)}")
+        raise ValueError(
+            f"code_eval_scoring_mode={mode!r}; expected one of {', '.join(SCORING_MODES)}"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise ValueError(f"code_eval_test_batch_size={batch_size!r}; expected an integer")
 
@@ -170,7 +179,9 @@ def get_code_reward(
         for i, (text, info) in enumerate(zip(texts, infos)):
             cases = parse_verification_info(info, f"{COLUMN} of sample {i}")
             code = extract_code(text, "python")
-            out.append(0.0 if code is None else score_program(code, cases, config, mode, test_batch_size))
+            out.append(
+                0.0 if code is None else score_program(code, cases, config, mode, test_batch_size)
+            )
         return out
 
     reward.__name__ = name

@@ -5,11 +5,11 @@
 the strict ``format`` reward) whose answer holds a fenced block opened by ```` ```<language> ````
 and a line end, and closed by ```` ``` ````; else 0.0.
 
-open-r1's ``code_format_reward`` matches with ``re.MULTILINE`` (text after ``</answer>`` passes, as
-with its ``format``) and accepts any fence that *starts* with the language name (```` ```pythonic ````
-counts as Python); here the fence's language is the whole first word of the fence line. open-r1
-also reads a per-sample ``language`` column when one is passed; here ``code_language`` holds for
-every sample (the ``code`` rewards take the language of each row's ``verification_info``).
+open-r1's ``code_format_reward`` matches with ``re.MULTILINE`` (text after ``</answer>`` passes,
+as with its ``format``) and accepts any fence that *starts* with the language name
+(```` ```pythonic ```` counts as Python); here the fence's language is the whole first word of
+the fence line. open-r1 also reads a per-sample ``language`` column when one is passed; here
+``code_language`` holds for every sample (the ``code`` rewards take the language of each row's ``verification_info``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any
 
 from megagrpo.config.script_args import REWARD_ALIASES
 
+
 def _code_kwargs(s, binary: bool) -> dict:
     """Factory arguments of the code rewards (``code_execution.get_code_reward``)."""
     return {

@@ -40,7 +40,5 @@ def get_repetition_penalty_reward(
             for text in completion_texts(completions)
         ]
 
-    repetition_penalty_reward.__qualname__ = (
-        f"repetition_penalty_reward[n={ngram_size},{language}]"
-    )
+    repetition_penalty_reward.__qualname__ = f"repetition_penalty_reward[n={ngram_size},{language}]"
     return repetition_penalty_reward

@@ -73,7 +73,9 @@ class SandboxConfig:
             ("max_file_bytes", self.max_file_bytes, 0, int),
         )
         for name, value, low, kind in checks:
-            ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+            ok = not isinstance(value, bool) and isinstance(
+                value, (int, float) if kind is float else int
+            )
             if not ok or not value >= low or (kind is float and not value > 0):
                 what = "a number > 0" if kind is float else f"an integer >= {low}"
                 raise ValueError(f"{name}={value!r}; expected {what}")

@@ -50,7 +50,9 @@ def fail(message: str) -> None:
 
 
 def _arg(a):
-    return a if a is None or isinstance(a, (ctypes._SimpleCData, ctypes.Array)) else ctypes.c_long(a)
+    return (
+        a if a is None or isinstance(a, (ctypes._SimpleCData, ctypes.Array)) else ctypes.c_long(a)
+    )
 
 
 def syscall(nr: int, *args) -> int:
