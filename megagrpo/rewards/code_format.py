@@ -9,7 +9,8 @@ open-r1's ``code_format_reward`` matches with ``re.MULTILINE`` (text after ``</a
 as with its ``format``) and accepts any fence that *starts* with the language name
 (```` ```pythonic ```` counts as Python); here the fence's language is the whole first word of
 the fence line. open-r1 also reads a per-sample ``language`` column when one is passed; here
-``code_language`` holds for every sample (the ``code`` rewards take the language of each row's ``verification_info``).
+``code_language`` holds for every sample (the ``code`` rewards take the language of each row's
+``verification_info``).
 """
 
 from __future__ import annotations
