@@ -233,7 +233,7 @@ def test_hostile_programs_score_zero_within_limits_and_leave_nothing(tmp_path, m
     scores = fn([_c(_answer(p)) for p in hostile.values()], verification_info=infos)
     elapsed = time.monotonic() - t0
     assert dict(zip(hostile, scores)) == {name: 0.0 for name in hostile}
-    assert elapsed < 3 * LIMITS["timeout_seconds"] + 5, elapsed  # two runs hit the wall limit
+    assert elapsed < 3 * LIMITS["timeout_seconds"] + 10, elapsed  # two runs hit the wall limit
     assert _leftovers() == []
     assert victim.read_text() == "precious" and not (tmp_path / "new.txt").exists()
     assert not os.path.exists("/tmp/megagrpo-escape.txt")
@@ -248,7 +248,6 @@ def test_hostile_programs_score_zero_within_limits_and_leave_nothing(tmp_path, m
 
 def test_runs_end_for_the_right_reason_within_limits():
     jobs = [
-        ("while True:\n    pass", ""),
         ("import time\ntime.sleep(100)", ""),
         ("x = bytearray(10 * 2**30)", ""),
         ("while True:\n    print('x' * 4096)", ""),
@@ -257,16 +256,20 @@ def test_runs_end_for_the_right_reason_within_limits():
     ]  # fmt: skip
     limits = SandboxConfig(timeout_seconds=2.5, cpu_seconds=1, memory_mb=256, max_output_bytes=8192)
     results = run_programs(jobs, limits)
-    assert [r.status for r in results] == ["cpu_limit", "timeout", "error", "output_limit", "ok"]
-    assert results[0].seconds < 2.4  # CPU limit (1 s, SIGXCPU) before the wall limit
-    assert 2.4 < results[1].seconds < 4.0
-    assert "MemoryError" in results[2].stderr
-    assert len(results[3].stdout) == 8192
-    assert (
-        results[4].stdout
-        == "['HOME', 'LANG', 'LC_ALL', 'PATH', 'TMPDIR'] True ['main.py'] in put\n"
+    assert [r.status for r in results] == ["timeout", "error", "output_limit", "ok"]
+    assert 2.4 < results[0].seconds < 4.0
+    assert "MemoryError" in results[1].stderr
+    assert len(results[2].stdout) == 8192
+    assert results[3].stdout == (
+        "['HOME', 'LANG', 'LC_ALL', 'PATH', 'TMPDIR'] True ['main.py'] in put\n"
     )
     assert all(not os.path.exists(r.workdir) for r in results)  # directories deleted
+    # a busy loop ends on its CPU time (1 s, SIGXCPU) long before a generous wall limit, however
+    # loaded the machine is
+    (loop,) = run_programs(
+        [("while True:\n    pass", "")], SandboxConfig(timeout_seconds=30, cpu_seconds=1)
+    )
+    assert loop.status == "cpu_limit" and loop.returncode == 128 + signal.SIGXCPU
     assert _leftovers() == []
 
 
