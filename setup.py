@@ -25,6 +25,7 @@ CORE = [
     "pyarrow>=14",  # completions tables (parquet)
     "numpy",
     "packaging",
+    "jieba>=0.42.1",  # Chinese words for the repetition penalty (repetition_language: zh)
     # Triton wheels exist for Linux x86-64 and aarch64 only; elsewhere the torch references run.
     "triton>=3.2; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'",
 ]

@@ -116,7 +116,22 @@ def _check_rewards(recipe: Recipe, errors: list[str]) -> None:
         )
     if not (s.reward_timeout_seconds > 0):
         errors.append(f"reward_timeout_seconds={s.reward_timeout_seconds} must be > 0")
+    _check_code_rewards(s, canonical, errors)
     _at_least(errors, "num_reward_workers", s.num_reward_workers, 1)
+
+
+def _check_code_rewards(s, canonical: list[str], errors: list[str]) -> None:
+    if s.code_provider != "local":
+        errors.append(
+            f"code_provider={s.code_provider!r}: megagrpo runs programs in its local sandbox only "
+            "(E2B and Morph are remote services it does not call); set code_provider: local"
+        )
+    runs_code = any(n in ("code", "binary_code") for n in canonical)
+    if runs_code and not (s.code_timeout_seconds < s.reward_timeout_seconds):
+        errors.append(
+            f"code_timeout_seconds={s.code_timeout_seconds} must be below reward_timeout_seconds="
+            f"{s.reward_timeout_seconds}: the pool's limit bounds all the test runs of a sample"
+        )
 
 
 def _check_optimisation(recipe: Recipe, errors: list[str]) -> None:

@@ -150,15 +150,17 @@ def prepare_source(
     chat_template: str | None = None,
     on_bad_rows: str = "error",
     solution_column: str | None = None,
+    row_checks: dict | None = None,
 ):
     """A loaded ``megagrpo.data.sources.Source`` -> its checked, formatted, tokenized rows.
 
     Bad rows raise or are dropped (``on_bad_rows``; the solution is checked when
-    ``solution_column`` is given), then too-long prompts (``fmt.long_prompts``); what is dropped
+    ``solution_column`` is given, and the columns of ``row_checks``, see ``find_bad_rows``), then
+    too-long prompts (``fmt.long_prompts``); what is dropped
     is counted in ``skipped`` with where the rows live."""
     ds = source.dataset
     check_columns(list(ds.column_names), fmt, source.locate.name)
-    bad = find_bad_rows(ds, fmt.prompt_column, solution_column)
+    bad = find_bad_rows(ds, fmt.prompt_column, solution_column, row_checks)
     kept, ds = drop_or_raise(ds, bad, source.where, on_bad_rows, skipped)
     where = lambda i: source.where(kept[i])
     out = tokenize_prompts(

@@ -18,7 +18,7 @@ from megagrpo.data.prompts import PromptFormat, prepare_source
 from megagrpo.data.rows import REASONS, SkippedRows
 from megagrpo.data.sampler import PromptSampler
 from megagrpo.data.sources import load_mixture, open_source
-from megagrpo.rewards.registry import reads_solution
+from megagrpo.rewards.registry import reads_solution, reads_verification_info
 from megagrpo.training.generation_steps import GenerationSchedule
 
 
@@ -47,6 +47,12 @@ class PromptData:
 def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
     s, t = recipe.script, recipe.training
     reward_columns = {"solution": s.dataset_solution_column} if s.dataset_solution_column else {}
+    row_checks = {}
+    if reads_verification_info(s.reward_funcs):  # the code rewards' test cases
+        from megagrpo.rewards.code_execution import COLUMN, verification_problem
+
+        reward_columns[COLUMN] = COLUMN
+        row_checks[COLUMN] = verification_problem
     fmt = PromptFormat(
         prompt_column=s.dataset_prompt_column,
         system_prompt=t.system_prompt,
@@ -67,6 +73,7 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
             chat_template=t.chat_template,
             on_bad_rows=s.on_bad_rows,
             solution_column=solution_column,
+            row_checks=row_checks,
         )
 
     if s.dataset_mixture is not None:
