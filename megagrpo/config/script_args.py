@@ -121,7 +121,7 @@ class GRPOScriptArguments:
         "shuffle (dataset_shuffle_buffer_size rows); a resumed run continues from the exact data "
         "position saved in the checkpoint. Needs max_steps (the number of prompts is not known "
         "before a pass over the data); rows are checked when read, so with on_bad_rows: error a "
-        "bad row stops the run when it is reached. See docs/data.md.",
+        "bad row stops the run when it is reached. See docs/config.md.",
     )
     dataset_shuffle_buffer_size: int = option(
         10_000,

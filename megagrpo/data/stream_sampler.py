@@ -48,6 +48,9 @@ class StreamedRows:
     def __len__(self) -> int:
         raise TypeError("a streamed dataset has no length before a pass over it")
 
+    def __iter__(self):
+        raise TypeError("a streamed dataset is read through the steps' rows (rows_at)")
+
 
 class PromptStream:
     def __init__(
@@ -72,13 +75,10 @@ class PromptStream:
             )
         )
         self.keep_steps = keep_steps
-        self.dp_rank, self.dp_size = 0, 1  # the PromptSampler fields GenerationRounds reads
         self.rows = StreamedRows(self)
         self._lock = threading.RLock()
         self._order: EpochOrder | None = None
         self._buffer: tuple[tuple[int, int], list] | None = None
-        self.first_pass_done = False
-        """Whether the first epoch has been read to its end (``skipped`` is then complete)."""
         self._reset(self._initial_state())
 
     # ---- position ---------------------------------------------------------------------------
@@ -93,7 +93,6 @@ class PromptStream:
         skipped = state.get("skipped") or {}
         first = {k: list(v) for k, v in skipped.get("first", {}).items()}
         self.skipped = SkippedRows(dict(skipped.get("counts", {})), first)
-        self.first_pass_done = self._epoch > 0
         self._steps: dict[int, _Step] = {}
         self._refs: Counter = Counter()
         self._row_cache: dict[int, dict] = {}
@@ -202,7 +201,6 @@ class PromptStream:
                 if self._good < self.prompts_per_step:
                     raise DataError(self.too_few(self._good, self.skipped))
                 self._epoch, self._slot, self._offset, self._good = self._epoch + 1, 0, 0, 0
-                self.first_pass_done = True
                 ids, rows = [], {}
                 continue
             row_id, prepared = item
