@@ -1,4 +1,4 @@
-"""Write a large JSON Lines prompt dataset (``problem``, ``solution``) for data-loading measurements.
+"""Write a large JSON Lines prompt dataset (``problem``, ``solution``) for loading measurements.
 
     python tools/make_prompt_jsonl.py /tmp/big.jsonl --rows 500000
 
