@@ -67,7 +67,8 @@ def test_grpo_on_the_code_task_logs_the_code_reward(tmp_path, tiny_checkpoint):
         assert r["rewards/crashes"] == 0
 
 
-def test_bad_verification_info_stops_before_training(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_bad_verification_info_stops_before_training(tmp_path, tiny_checkpoint, streaming):
     from transformers import AutoTokenizer
 
     from megagrpo.config import load_recipe
@@ -84,12 +85,15 @@ def test_bad_verification_info_stops_before_training(tmp_path, tiny_checkpoint):
         DEMO_RECIPE,
         ["--model_name_or_path", model, "--dataset_name", str(path), "--output_dir",
          str(tmp_path / "run"), "--reward_funcs", "code", "--eval_strategy", "no",
-         "--per_device_train_batch_size", "8", "--num_generations", "4"],
+         "--per_device_train_batch_size", "8", "--num_generations", "4",
+         "--dataset_streaming", streaming, "--max_steps", "2"],
     )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(model)
     with pytest.raises(DataError) as err:
-        load_prompt_data(recipe, tok, dp_size=1)
-    assert str(err.value) == (
+        data = load_prompt_data(recipe, tok, dp_size=1)
+        for k in range(3):  # streaming: when the row is read (2 prompts a step, 6 rows)
+            data.sampler.rows_at(k)
+    assert str(err.value).startswith(
         f"{path}: row 3 (0-based), line 4: column 'verification_info' has language 'cpp': the "
         "local code sandbox runs python programs only"
     )

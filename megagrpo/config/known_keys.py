@@ -74,7 +74,6 @@ REFUSED_UNLESS: dict[str, tuple[tuple, str]] = {
     "use_peft": ((False,), "megagrpo trains all weights (no LoRA)"),
     "load_in_8bit": ((False,), "no bitsandbytes quantisation"),
     "load_in_4bit": ((False,), "no bitsandbytes quantisation"),
-    "dataset_streaming": ((False,), "datasets are loaded whole"),
 }
 
 

@@ -120,6 +120,22 @@ class GRPOScriptArguments:
         "(printed once, logged as data/skipped_rows). Prompts over max_prompt_length follow "
         "long_prompts instead. Not in open-r1.",
     )
+    dataset_streaming: bool = option(
+        False,
+        help="Read and tokenize the training prompts lazily, a shuffle buffer at a time, instead "
+        "of loading the whole dataset first (TRL's key): local JSON Lines (.jsonl) and Parquet "
+        "files, directories of them, and mixtures of those. The order is a seeded buffered "
+        "shuffle (dataset_shuffle_buffer_size rows); a resumed run continues from the exact data "
+        "position saved in the checkpoint. Needs max_steps (the number of prompts is not known "
+        "before a pass over the data); rows are checked when read, so with on_bad_rows: error a "
+        "bad row stops the run when it is reached. See docs/config.md.",
+    )
+    dataset_shuffle_buffer_size: int = option(
+        10_000,
+        help="dataset_streaming only: rows per shuffle buffer. Each epoch visits the buffers in "
+        "a seeded order and each buffer's rows in a seeded order; memory holds one buffer of "
+        "rows (untokenized). Not in TRL.",
+    )
 
     # ---- rewards ----
     reward_funcs: list[str] = option(

@@ -30,6 +30,7 @@ def validate_recipe(recipe: Recipe) -> None:
     """Raise ConfigError listing every static rule the recipe breaks."""
     errors: list[str] = []
     _check_data(recipe, errors)
+    _check_streaming(recipe, errors)
     _check_rewards(recipe, errors)
     _check_optimisation(recipe, errors)
     _check_generation_and_loss(recipe, errors)
@@ -76,6 +77,39 @@ def _check_data(recipe: Recipe, errors: list[str]) -> None:
         )
     if mix.test_split_size is not None and not (0.0 < mix.test_split_size < 1.0):
         errors.append(f"dataset_mixture.test_split_size={mix.test_split_size} must be in (0, 1)")
+
+
+def _check_streaming(recipe: Recipe, errors: list[str]) -> None:
+    """``dataset_streaming`` reads the prompts a shuffle buffer at a time: nothing that needs the
+    number of prompts before a pass over the data (data/stream_sampler.py)."""
+    s, t = recipe.script, recipe.training
+    if not s.dataset_shuffle_buffer_size >= 1:
+        errors.append(f"dataset_shuffle_buffer_size={s.dataset_shuffle_buffer_size} must be >= 1")
+    if not s.dataset_streaming:
+        return
+    why = "the number of prompts is not known before a pass over the data"
+    if not t.max_steps > 0:
+        errors.append(
+            f"dataset_streaming=True needs max_steps > 0 (got {t.max_steps}): num_train_epochs "
+            f"cannot set the number of steps, {why}"
+        )
+    for name in ("eval_strategy", "save_strategy"):
+        if getattr(t, name) == "epoch":
+            errors.append(
+                f"{name}='epoch' with dataset_streaming=True: the length of an epoch is not "
+                f"known ({why}); use '{name}: steps'"
+            )
+    if t.dynamic_sampling:
+        errors.append(
+            "dynamic_sampling=True with dataset_streaming=True: its extra generation rounds draw "
+            "prompts from the whole dataset; set dataset_streaming: false"
+        )
+    mix = s.dataset_mixture
+    if mix is not None and mix.test_split_size is not None:
+        errors.append(
+            "dataset_mixture.test_split_size with dataset_streaming=True: splitting off a test "
+            "set needs the whole mixture; set dataset_streaming: false, or drop test_split_size"
+        )
 
 
 def _check_rewards(recipe: Recipe, errors: list[str]) -> None:
