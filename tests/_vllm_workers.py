@@ -182,8 +182,6 @@ def server_pool_worker(hf_dir, log_dir):
     bit, samples with the trainer's log-probs, a server killed with kill -9 in the middle of a
     batch restarted with the current weights, and the batch completed."""
     import signal
-    import threading
-    import time
 
     from megagrpo.conversion.hf_weights import iter_hf_tensors
     from megagrpo.rollout.pool import RolloutPool, RolloutPoolConfig
@@ -229,17 +227,23 @@ def server_pool_worker(hf_dir, log_dir):
         victim = pool.engines[1]
         old_pid = victim.proc.pid
 
-        def kill_when_busy():
-            deadline = time.monotonic() + 120
-            while not victim.busy and time.monotonic() < deadline:
-                time.sleep(0.005)
-            time.sleep(0.05)
-            os.kill(old_pid, signal.SIGKILL)
+        # kill -9 the victim right after the pool handed it its shard: deterministic, where a
+        # thread polling ``victim.busy`` could miss a shard that finished quickly and kill an idle
+        # server after the batch (seen once in CI: no restart, then a dead socket)
+        from megagrpo.rollout import wire
 
-        killer = threading.Thread(target=kill_when_busy)
-        killer.start()
-        again = pool.generate(requests, long)
-        killer.join()
+        send_msg = wire.send_msg
+
+        def send_then_kill(sock, msg):
+            send_msg(sock, msg)
+            if sock is victim.sock and msg.get("cmd") == "generate" and victim.proc.pid == old_pid:
+                os.kill(old_pid, signal.SIGKILL)
+
+        wire.send_msg = send_then_kill
+        try:
+            again = pool.generate(requests, long)
+        finally:
+            wire.send_msg = send_msg
         out["restarts"] = pool.restart_count
         out["new_pid"] = victim.proc.pid != old_pid
         out["old_gone"] = not os.path.exists(f"/proc/{old_pid}")

@@ -6,6 +6,15 @@ import os
 
 import torch
 
+# One CPU thread per test process (and, through the environment, per process a test starts): the
+# README's test command runs two pytest workers on a 2-core machine, and the multi-rank tests start
+# 2-4 processes each; with torch's default of one thread per core the threads outnumber the cores
+# and OpenMP's spinning makes the tiny models several times slower. MKL / OpenMP read these
+# variables when torch first starts its thread pool.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Triton fixes interpreter mode when it is first imported (transformers and megatron-core import
 # it): on a machine without CUDA the kernels run in the interpreter, so set it before anything.
 if not torch.cuda.is_available():
@@ -16,15 +25,30 @@ import pytest  # noqa: E402
 from megagrpo.demo.tiny_models import TINY_CONFIGS, save_tiny_checkpoint  # noqa: E402
 
 
+def shared_dir(tmp_path_factory, name: str):
+    """``name`` under the session's temporary directory; under pytest-xdist (the README's test
+    command runs two workers), the one directory every worker of the run shares."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-<user>/pytest-N/, above the per-worker popen-gwK/
+    return root / name
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-    """The embedded demo's data and warm-started tiny model, built once for the whole session
-    (the warm start takes minutes on a loaded 2-core machine)."""
+    """The embedded demo's data and warm-started tiny model, built once for the whole run (the
+    warm start takes minutes on a loaded 2-core machine): the first worker to need it builds it,
+    under a file lock, and the others wait for it and reuse it."""
+    from filelock import FileLock
+
     from megagrpo.demo.grpo_demo import prepare_demo
 
-    d = str(tmp_path_factory.mktemp("demo"))
-    prepare_demo(d)
-    return d
+    d = shared_dir(tmp_path_factory, "demo-assets")
+    with FileLock(f"{d}.lock"):
+        if not (d / "built").is_file():
+            prepare_demo(str(d))
+            (d / "built").touch()
+    return str(d)
 
 
 @pytest.fixture(scope="session")

@@ -171,10 +171,10 @@ wandb_project: open-r1
         "benchmarks",
         "callbacks",
         "hub_model_revision",
-        "code_language",
-        "code_eval_test_batch_size",
-        "code_eval_scoring_mode",
     }
+    # the code_* keys are honoured (issue 15), not dropped
+    assert r.script.code_language == "cpp" and r.script.code_eval_test_batch_size == -1
+    assert r.script.code_eval_scoring_mode == "weighted_sum"
     validate_recipe(r)
 
 

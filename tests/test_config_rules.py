@@ -85,7 +85,7 @@ def test_base_recipe_is_valid():
         ),
         # rewards
         (["--reward_funcs", ""], ["reward_funcs is empty"]),
-        (["--reward_funcs", "accuracy,code"], ["reward_funcs contains 'code'", "tag_count"]),
+        (["--reward_funcs", "accuracy,ioi"], ["reward_funcs contains 'ioi'", "tag_count"]),
         (["--reward_funcs", "accuracy,accuracy"], ["reward_funcs names accuracy more than once"]),
         (
             ["--reward_funcs", "accuracy,accuracy_reward"],

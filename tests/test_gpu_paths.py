@@ -129,6 +129,7 @@ def _spied_run(tmp_path, monkeypatch, events, *, overlap, total_steps=2, num_ite
         logger=types.SimpleNamespace(log=lambda *a: None, close=lambda: None),
         arch=None,
         model_dir=str(tmp_path),
+        data=None,
     )
 
 

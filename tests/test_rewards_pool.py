@@ -166,7 +166,13 @@ def test_pool_equals_serial_with_every_builtin():
         texts.append([{"role": "assistant", "content": forms[i % len(forms)]}])
         golds.append(["42", "$\\frac{1}{2}$", "no gold"][(i // 4) % 3])
         ids.append(list(range((i * 7) % 53)))
-    columns = {"solution": golds, "completion_ids": ids, "unused": list(range(48))}
+    case = {"language": "python", "test_cases": [{"input": "1 2\n", "output": "3\n"}]}
+    columns = {
+        "solution": golds,
+        "completion_ids": ids,
+        "verification_info": [case] * 48,  # the code rewards' (no completion holds a program)
+        "unused": list(range(48)),
+    }
     ref = score_serial(fns, texts, columns, num_generations=4)
     with RewardPool(fns, RewardPoolConfig(num_workers=2, max_chunk=5)) as p:
         got = p.score(texts, columns, num_generations=4)

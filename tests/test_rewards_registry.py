@@ -27,6 +27,9 @@ def test_every_recipe_name_and_alias_builds():
         "repetition_penalty_reward",
         "len_reward",
         "soft_overlong_punishment_reward",
+        "code_format_reward",
+        "code_reward",
+        "binary_code_reward",
     ]
     aliases = build_reward_functions(GRPOScriptArguments(reward_funcs=list(ALIASES)))
     assert [f.name for f in aliases] == [f.name for f in fns]
@@ -38,6 +41,9 @@ def test_every_recipe_name_and_alias_builds():
         "math_verify",
         None,
         "math_verify",
+        None,
+        None,
+        None,
         None,
     ]
 

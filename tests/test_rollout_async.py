@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from megagrpo.data.errors import DataError
 from megagrpo.rollout.async_rollout import AsyncRollout, AsyncRolloutConfig
 from megagrpo.rollout.hf_engine import TransformersEngine, TransformersEngineConfig
 from megagrpo.rollout.protocol import RolloutRequest, SamplingParams
@@ -96,6 +97,15 @@ def test_end_of_stream_errors_and_timeouts(engine):
     with pytest.raises(RuntimeError, match="the rollout producer failed") as e:
         rollout.get(timeout=60)
     assert "outside the vocabulary" in str(e.value.__cause__)
+    rollout.close()
+
+    def bad_row():  # a streamed dataset's bad row met while making the requests: the user's
+        raise DataError("a.jsonl: row 3 (0-based), line 4: column 'problem' holds int 7")
+        yield
+
+    rollout = AsyncRollout(engine, bad_row())
+    with pytest.raises(DataError, match="^a.jsonl: row 3"):  # as it is, for the one-line report
+        rollout.get(timeout=60)
     rollout.close()
     with pytest.raises(ValueError, match="AsyncRolloutConfig.max_staleness must be an int >= 0"):
         AsyncRolloutConfig(max_staleness=-1)

@@ -33,7 +33,6 @@ UNUSED_PREFIXES: tuple[str, ...] = (
     "dataloader_",
     "bnb_",
     "torch_compile",
-    "code_",  # open-r1's code rewards (code_language, code_eval_*, code_provider)
     "trackio_",
 )
 
@@ -75,7 +74,6 @@ REFUSED_UNLESS: dict[str, tuple[tuple, str]] = {
     "use_peft": ((False,), "megagrpo trains all weights (no LoRA)"),
     "load_in_8bit": ((False,), "no bitsandbytes quantisation"),
     "load_in_4bit": ((False,), "no bitsandbytes quantisation"),
-    "dataset_streaming": ((False,), "datasets are loaded whole"),
 }
 
 
@@ -142,6 +140,9 @@ UNUSED_KEYS: frozenset[str] = frozenset(
     benchmarks callbacks push_to_hub_revision overwrite_hub_revision wandb_log_unique_prompts
     parallel_code_exec_per_proc e2b_router_url morph_router_url ioi_provider
     """.split()
+    # (parallel_code_exec_per_proc: concurrency of E2B calls; the local sandbox runs
+    # num_reward_workers x code_eval_test_batch_size programs at once. The router URLs and
+    # ioi_provider serve code_provider e2b / morph and ioi_code, which are refused.)
 )
 
 

@@ -13,9 +13,10 @@ from typing import Literal
 from megagrpo.config.fields import option
 
 #: Reward functions a recipe may name in ``reward_funcs``: open-r1's math and format rewards
-#: (accuracy, format, tag_count, reasoning_steps, cosine, repetition_penalty, length) and its
-#: soft_overlong_punishment (DAPO's). open-r1's code rewards (code, code_format, ioi_code) need a
-#: code sandbox and are not part of megagrpo.
+#: (accuracy, format, tag_count, reasoning_steps, cosine, repetition_penalty, length), its
+#: soft_overlong_punishment (DAPO's) and its code rewards code_format, code and binary_code (Python
+#: programs, run in megagrpo's local sandbox). open-r1's ioi_code and cf_code (C++ judged by a
+#: Piston server) are not part of megagrpo.
 REWARD_FUNCS = (
     "accuracy",
     "format",
@@ -25,6 +26,9 @@ REWARD_FUNCS = (
     "repetition_penalty",
     "length",
     "soft_overlong_punishment",
+    "code_format",
+    "code",
+    "binary_code",
 )
 
 #: open-r1's Python function names, accepted in reward_funcs for the names above.
@@ -37,6 +41,9 @@ REWARD_ALIASES = {
     "repetition_penalty_reward": "repetition_penalty",
     "len_reward": "length",
     "soft_overlong_punishment_reward": "soft_overlong_punishment",
+    "code_format_reward": "code_format",
+    "code_reward": "code",
+    "binary_code_reward": "binary_code",
 }
 
 #: The R1 system prompt (DeepSeek-R1's template, the SYSTEM_PROMPT of open-r1's first grpo.py):
@@ -113,6 +120,22 @@ class GRPOScriptArguments:
         "(printed once, logged as data/skipped_rows). Prompts over max_prompt_length follow "
         "long_prompts instead. Not in open-r1.",
     )
+    dataset_streaming: bool = option(
+        False,
+        help="Read and tokenize the training prompts lazily, a shuffle buffer at a time, instead "
+        "of loading the whole dataset first (TRL's key): local JSON Lines (.jsonl) and Parquet "
+        "files, directories of them, and mixtures of those. The order is a seeded buffered "
+        "shuffle (dataset_shuffle_buffer_size rows); a resumed run continues from the exact data "
+        "position saved in the checkpoint. Needs max_steps (the number of prompts is not known "
+        "before a pass over the data); rows are checked when read, so with on_bad_rows: error a "
+        "bad row stops the run when it is reached. See docs/config.md.",
+    )
+    dataset_shuffle_buffer_size: int = option(
+        10_000,
+        help="dataset_streaming only: rows per shuffle buffer. Each epoch visits the buffers in "
+        "a seeded order and each buffer's rows in a seeded order; memory holds one buffer of "
+        "rows (untokenized). Not in TRL.",
+    )
 
     # ---- rewards ----
     reward_funcs: list[str] = option(
@@ -143,6 +166,53 @@ class GRPOScriptArguments:
     repetition_n_grams: int = option(3, help="n-gram size of the repetition penalty reward.")
     repetition_max_penalty: float = option(
         -1.0, help="Penalty (<= 0) of a completion made only of repeated n-grams."
+    )
+    repetition_language: Literal["en", "zh"] = option(
+        "en",
+        help="How the repetition penalty splits text into words: en on whitespace, zh into "
+        "Chinese words with jieba (open-r1's get_repetition_penalty_reward language argument, "
+        "which its recipes cannot set).",
+    )
+    code_language: str = option(
+        "python",
+        help="Language of the fenced code block (```python) the code_format reward asks for in "
+        "the answer.",
+    )
+    code_provider: Literal["local", "e2b", "morph"] = option(
+        "local",
+        help="Where the code and binary_code rewards run programs: local, megagrpo's sandbox "
+        "(docs/rewards.md). e2b and morph (remote sandboxes) are refused. open-r1's default is "
+        "e2b.",
+    )
+    code_eval_scoring_mode: Literal["partial", "pass_fail", "weighted_sum"] = option(
+        "partial",
+        help="Score of the code reward: partial, the fraction of test cases passed (open-r1's "
+        "code reward); pass_fail, 1 if all pass; weighted_sum, pass_fail + 0.1 x fraction. "
+        "open-r1's default, weighted_sum, is read by its cf_code reward only. binary_code is "
+        "always pass_fail.",
+    )
+    code_eval_test_batch_size: int = option(
+        1,
+        help="Test cases of a program run at once, each in its own sandbox process (< 1: all). "
+        "After a batch with a failure, pass_fail scoring (and binary_code) stops.",
+    )
+    code_timeout_seconds: float = option(
+        5.0,
+        help="Wall time of one program run on one test case; past it the run is killed and the "
+        "test fails. The pool's reward_timeout_seconds bounds all the test cases of a sample.",
+    )
+    code_cpu_seconds: int = option(
+        5, help="CPU time (RLIMIT_CPU) of one program run on one test case."
+    )
+    code_memory_mb: int = option(512, help="Address space (RLIMIT_AS) of one program run, in MiB.")
+    code_max_output_bytes: int = option(
+        1048576, help="Most stdout bytes of one program run; past it the run is killed."
+    )
+    code_sandbox_strict: bool = option(
+        True,
+        help="Refuse to run programs unless this machine gives the sandbox user, PID and "
+        "network namespaces, Landlock and seccomp; false runs them with what there is "
+        "(docs/rewards.md says what is then not guaranteed).",
     )
     max_completion_len: int = option(
         16384,

@@ -30,6 +30,7 @@ def validate_recipe(recipe: Recipe) -> None:
     """Raise ConfigError listing every static rule the recipe breaks."""
     errors: list[str] = []
     _check_data(recipe, errors)
+    _check_streaming(recipe, errors)
     _check_rewards(recipe, errors)
     _check_optimisation(recipe, errors)
     _check_generation_and_loss(recipe, errors)
@@ -78,6 +79,39 @@ def _check_data(recipe: Recipe, errors: list[str]) -> None:
         errors.append(f"dataset_mixture.test_split_size={mix.test_split_size} must be in (0, 1)")
 
 
+def _check_streaming(recipe: Recipe, errors: list[str]) -> None:
+    """``dataset_streaming`` reads the prompts a shuffle buffer at a time: nothing that needs the
+    number of prompts before a pass over the data (data/stream_sampler.py)."""
+    s, t = recipe.script, recipe.training
+    if not s.dataset_shuffle_buffer_size >= 1:
+        errors.append(f"dataset_shuffle_buffer_size={s.dataset_shuffle_buffer_size} must be >= 1")
+    if not s.dataset_streaming:
+        return
+    why = "the number of prompts is not known before a pass over the data"
+    if not t.max_steps > 0:
+        errors.append(
+            f"dataset_streaming=True needs max_steps > 0 (got {t.max_steps}): num_train_epochs "
+            f"cannot set the number of steps, {why}"
+        )
+    for name in ("eval_strategy", "save_strategy"):
+        if getattr(t, name) == "epoch":
+            errors.append(
+                f"{name}='epoch' with dataset_streaming=True: the length of an epoch is not "
+                f"known ({why}); use '{name}: steps'"
+            )
+    if t.dynamic_sampling:
+        errors.append(
+            "dynamic_sampling=True with dataset_streaming=True: its extra generation rounds draw "
+            "prompts from the whole dataset; set dataset_streaming: false"
+        )
+    mix = s.dataset_mixture
+    if mix is not None and mix.test_split_size is not None:
+        errors.append(
+            "dataset_mixture.test_split_size with dataset_streaming=True: splitting off a test "
+            "set needs the whole mixture; set dataset_streaming: false, or drop test_split_size"
+        )
+
+
 def _check_rewards(recipe: Recipe, errors: list[str]) -> None:
     s = recipe.script
     if not s.reward_funcs:
@@ -116,7 +150,22 @@ def _check_rewards(recipe: Recipe, errors: list[str]) -> None:
         )
     if not (s.reward_timeout_seconds > 0):
         errors.append(f"reward_timeout_seconds={s.reward_timeout_seconds} must be > 0")
+    _check_code_rewards(s, canonical, errors)
     _at_least(errors, "num_reward_workers", s.num_reward_workers, 1)
+
+
+def _check_code_rewards(s, canonical: list[str], errors: list[str]) -> None:
+    if s.code_provider != "local":
+        errors.append(
+            f"code_provider={s.code_provider!r}: megagrpo runs programs in its local sandbox only "
+            "(E2B and Morph are remote services it does not call); set code_provider: local"
+        )
+    runs_code = any(n in ("code", "binary_code") for n in canonical)
+    if runs_code and not (s.code_timeout_seconds < s.reward_timeout_seconds):
+        errors.append(
+            f"code_timeout_seconds={s.code_timeout_seconds} must be below reward_timeout_seconds="
+            f"{s.reward_timeout_seconds}: the pool's limit bounds all the test runs of a sample"
+        )
 
 
 def _check_optimisation(recipe: Recipe, errors: list[str]) -> None:

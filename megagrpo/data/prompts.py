@@ -15,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megagrpo.data.errors import DataError
-from megagrpo.data.rows import FIRST_ROWS, SkippedRows, drop_or_raise, find_bad_rows, prompt_problem
+from megagrpo.data.rows import (
+    FIRST_ROWS,
+    SkippedRows,
+    drop_or_raise,
+    find_bad_rows,
+    prompt_problem,
+    solution_problem,
+)
 
 
 class PromptError(DataError):
@@ -79,6 +86,23 @@ def format_conversations(ds, fmt: PromptFormat, *, name: str = "dataset"):
     return ds.map(convert, batched=True, with_indices=True, remove_columns=drop)
 
 
+def encode_conversation(tokenizer, conversation: list[dict], template: str) -> list[int]:
+    """The token ids of a conversation rendered with the generation prompt."""
+    ids = tokenizer.apply_chat_template(
+        conversation, chat_template=template, add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+
+
+def chat_template_of(tokenizer, chat_template: str | None, name: str) -> str:
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise PromptError(
+            f"{name}: the tokenizer has no chat template and the recipe sets no chat_template"
+        )
+    return template
+
+
 @dataclass(frozen=True)
 class TokenizedPrompts:
     dataset: object
@@ -102,25 +126,12 @@ def tokenize_prompts(
 ) -> TokenizedPrompts:
     """Render the chat template with the generation prompt and tokenize every prompt;
     ``where(row)`` names a row of ``ds`` in messages (default: ``name: row r (0-based)``)."""
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise PromptError(
-            f"{name}: the tokenizer has no chat template and the recipe sets no chat_template"
-        )
+    template = chat_template_of(tokenizer, chat_template, name)
     if fmt.long_prompts not in ("skip", "error"):
         raise PromptError(f"long_prompts={fmt.long_prompts!r}; expected 'skip' or 'error'")
 
     def encode(batch):
-        ids = [
-            tokenizer.apply_chat_template(
-                conv, chat_template=template, add_generation_prompt=True, tokenize=True
-            )
-            for conv in batch["prompt"]
-        ]
-        ids = [
-            list(x["input_ids"]) if isinstance(x, dict) or hasattr(x, "keys") else list(x)
-            for x in ids
-        ]
+        ids = [encode_conversation(tokenizer, conv, template) for conv in batch["prompt"]]
         return {"prompt_ids": ids, "prompt_length": [len(x) for x in ids]}
 
     ds = ds.map(encode, batched=True)
@@ -150,15 +161,17 @@ def prepare_source(
     chat_template: str | None = None,
     on_bad_rows: str = "error",
     solution_column: str | None = None,
+    row_checks: dict | None = None,
 ):
     """A loaded ``megagrpo.data.sources.Source`` -> its checked, formatted, tokenized rows.
 
     Bad rows raise or are dropped (``on_bad_rows``; the solution is checked when
-    ``solution_column`` is given), then too-long prompts (``fmt.long_prompts``); what is dropped
+    ``solution_column`` is given, and the columns of ``row_checks``, see ``find_bad_rows``), then
+    too-long prompts (``fmt.long_prompts``); what is dropped
     is counted in ``skipped`` with where the rows live."""
     ds = source.dataset
     check_columns(list(ds.column_names), fmt, source.locate.name)
-    bad = find_bad_rows(ds, fmt.prompt_column, solution_column)
+    bad = find_bad_rows(ds, fmt.prompt_column, solution_column, row_checks)
     kept, ds = drop_or_raise(ds, bad, source.where, on_bad_rows, skipped)
     where = lambda i: source.where(kept[i])
     out = tokenize_prompts(
@@ -174,3 +187,35 @@ def prepare_source(
             "prompt_too_long", len(out.too_long), [where(i) for i in out.too_long[:FIRST_ROWS]]
         )
     return out.dataset
+
+
+def prepare_row(
+    row: dict,
+    tokenizer,
+    fmt: PromptFormat,
+    template: str,
+    solution_column=None,
+    row_checks: dict | None = None,
+):
+    """One row read by the streaming reader -> its prompt row (``prompt``, ``prompt_ids``,
+    ``prompt_length`` and the reward columns), or ``(reason, message)`` when it is bad or its
+    prompt is over ``max_prompt_length`` (reason ``prompt_too_long``): the checks and the
+    tokenization of ``prepare_source``, one row at a time."""
+    problem = prompt_problem(row.get(fmt.prompt_column), fmt.prompt_column)
+    if problem is None and solution_column:
+        problem = solution_problem(row.get(solution_column), solution_column)
+    for name, check in (row_checks or {}).items():  # as find_bad_rows
+        problem = problem or check(row.get(name), name)
+    if problem:
+        return problem
+    conversation = _conversation(row[fmt.prompt_column], fmt.system_prompt, fmt.prompt_column, "")
+    ids = encode_conversation(tokenizer, conversation, template)
+    limit = fmt.max_prompt_length
+    if limit is not None and len(ids) > limit:
+        return "prompt_too_long", (
+            f"prompt of {len(ids)} tokens exceeds max_prompt_length={limit} tokens (raise it, or "
+            "set long_prompts: skip to drop such prompts)"
+        )
+    out = {"prompt": conversation, "prompt_ids": ids, "prompt_length": len(ids)}
+    out.update({c: row.get(c) for c in fmt.reward_columns})
+    return out

@@ -22,6 +22,7 @@ REASONS = {
     "null_solution": "solution is null",
     "solution_type": "solution is not a string or a number",
     "prompt_too_long": "prompt longer than max_prompt_length",
+    "verification_info": "verification_info (the code rewards' test cases) missing or malformed",
 }
 
 #: Rows named per reason in the summary.
@@ -108,9 +109,12 @@ class SkippedRows:
         return out
 
 
-def find_bad_rows(ds, prompt_column: str, solution_column: str | None) -> dict[int, tuple]:
+def find_bad_rows(
+    ds, prompt_column: str, solution_column: str | None, checks: dict | None = None
+) -> dict[int, tuple]:
     """``row -> (reason, message)`` of every bad row of ``ds`` (the solution is checked only
-    when ``solution_column`` is given)."""
+    when ``solution_column`` is given; ``checks``: column -> ``fn(value, column)`` returning
+    ``(reason, message)`` or None, for the columns of particular reward functions)."""
     bad: dict[int, tuple] = {}
     for i, value in enumerate(ds[prompt_column]):
         problem = prompt_problem(value, prompt_column)
@@ -119,6 +123,11 @@ def find_bad_rows(ds, prompt_column: str, solution_column: str | None) -> dict[i
     if solution_column:
         for i, value in enumerate(ds[solution_column]):
             problem = solution_problem(value, solution_column)
+            if problem and i not in bad:
+                bad[i] = problem
+    for name, check in (checks or {}).items():
+        for i, value in enumerate(ds[name]):
+            problem = check(value, name)
             if problem and i not in bad:
                 bad[i] = problem
     return bad

@@ -105,18 +105,16 @@ def _builder_for(path: str) -> str:
     return _FILE_BUILDERS[ext]
 
 
-def _load_directory(path: str, split: str) -> Source:
-    import datasets
-
-    if os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
+def is_saved_dataset(path: str) -> bool:
+    """Whether directory ``path`` holds a ``save_to_disk`` dataset."""
+    return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(
         os.path.join(path, "dataset_dict.json")
-    ):
-        loaded = datasets.load_from_disk(path)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(f"{path}: no split {split!r}; splits: {sorted(loaded)}")
-            return Source(loaded[split], RowLocator(f"{path} (split {split!r})"))
-        return Source(loaded, RowLocator(path))
+    )
+
+
+def split_files(path: str, split: str) -> list[str]:
+    """The dataset files of directory ``path`` for ``split``: those whose name holds the split's
+    name, else all of them."""
     files = sorted(
         os.path.join(root, f)
         for root, _, names in os.walk(path)
@@ -128,7 +126,20 @@ def _load_directory(path: str, split: str) -> Source:
             f"{path}: no dataset files (json, jsonl, parquet, csv) and no save_to_disk dataset"
         )
     by_split = [f for f in files if split in os.path.basename(f)]
-    chosen = by_split or files
+    return by_split or files
+
+
+def _load_directory(path: str, split: str) -> Source:
+    import datasets
+
+    if is_saved_dataset(path):
+        loaded = datasets.load_from_disk(path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r}; splits: {sorted(loaded)}")
+            return Source(loaded[split], RowLocator(f"{path} (split {split!r})"))
+        return Source(loaded, RowLocator(path))
+    chosen = split_files(path, split)
     builders = {_builder_for(f) for f in chosen}
     if len(builders) > 1:
         raise DataError(f"{path}: mixed file types {sorted(builders)} for split {split!r}")

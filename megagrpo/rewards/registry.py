@@ -15,6 +15,22 @@ from typing import Any
 
 from megagrpo.config.script_args import REWARD_ALIASES
 
+
+def _code_kwargs(s, binary: bool) -> dict:
+    """Factory arguments of the code rewards (``code_execution.get_code_reward``)."""
+    return {
+        "provider": s.code_provider,
+        "scoring_mode": s.code_eval_scoring_mode,
+        "test_batch_size": s.code_eval_test_batch_size,
+        "binary": binary,
+        "timeout_seconds": s.code_timeout_seconds,
+        "cpu_seconds": s.code_cpu_seconds,
+        "memory_mb": s.code_memory_mb,
+        "max_output_bytes": s.code_max_output_bytes,
+        "strict": s.code_sandbox_strict,
+    }
+
+
 #: registry name -> (metric name, dotted path, factory kwargs from script args or None, combine).
 #: The metric name is open-r1's function name, which TRL uses for ``rewards/<name>/mean``.
 _BUILTINS: dict[str, tuple[str, str, Any, str | None]] = {
@@ -42,7 +58,29 @@ _BUILTINS: dict[str, tuple[str, str, Any, str | None]] = {
     "repetition_penalty": (
         "repetition_penalty_reward",
         "megagrpo.rewards.repetition:get_repetition_penalty_reward",
-        lambda s: {"ngram_size": s.repetition_n_grams, "max_penalty": s.repetition_max_penalty},
+        lambda s: {
+            "ngram_size": s.repetition_n_grams,
+            "max_penalty": s.repetition_max_penalty,
+            "language": s.repetition_language,
+        },
+        None,
+    ),
+    "code_format": (
+        "code_format_reward",
+        "megagrpo.rewards.code_format:get_code_format_reward",
+        lambda s: {"language": s.code_language},
+        None,
+    ),
+    "code": (
+        "code_reward",
+        "megagrpo.rewards.code_execution:get_code_reward",
+        lambda s: _code_kwargs(s, binary=False),
+        None,
+    ),
+    "binary_code": (
+        "binary_code_reward",
+        "megagrpo.rewards.code_execution:get_code_reward",
+        lambda s: _code_kwargs(s, binary=True),
         None,
     ),
     # Kimi's len reward depends on the other completions of the prompt: the per-sample stage is
@@ -72,6 +110,15 @@ MATH_VERIFY_GROUP = "math_verify"
 def reads_solution(reward_funcs: list[str]) -> bool:
     """Whether a built-in of ``reward_funcs`` checks completions against the ``solution``."""
     return any(REWARD_ALIASES.get(n, n) in _VERIFIES for n in reward_funcs)
+
+
+#: The built-ins that run the completion's program on the ``verification_info`` test cases.
+_RUNS_CODE = ("code", "binary_code")
+
+
+def reads_verification_info(reward_funcs: list[str]) -> bool:
+    """Whether a built-in of ``reward_funcs`` runs programs on ``verification_info`` tests."""
+    return any(REWARD_ALIASES.get(n, n) in _RUNS_CODE for n in reward_funcs)
 
 
 #: open-r1's Python function names, accepted in reward_funcs.

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from megagrpo.data.errors import DataError
 from megagrpo.rollout.protocol import RolloutRequest, Sample, SamplingParams
 
 
@@ -132,6 +133,8 @@ class AsyncRollout:
                 self._consumed += 1
                 self._cond.notify_all()
                 return batch
+            if isinstance(self._error, DataError):  # a bad row met while streaming: the user's
+                raise self._error
             if self._error is not None:
                 raise RuntimeError("the rollout producer failed") from self._error
             raise StopIteration("no more rollout batches")

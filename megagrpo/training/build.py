@@ -231,6 +231,8 @@ def build_run(recipe: Recipe) -> Run:
             "gradient_accumulation_steps x num_iterations): resume with the settings the "
             "checkpoint was written with"
         )
+    if resumed is not None and data is not None:  # streaming: the exact data position
+        data.resume(resumed.sampler, generation.generation_of(start_step))
     run = Run(
         recipe=recipe,
         groups=groups,

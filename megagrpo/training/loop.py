@@ -259,6 +259,7 @@ def after_step(run, step: int, data, metrics: dict, generation_steps: range | No
             t.output_dir,
             TrainerState(
                 step=step,
+                sampler=run.data.position(run.generation.generation_of(step)) if run.data else {},
                 layout=_layout(run.groups),
                 metrics=metrics,
                 extra={"entropy_bonus": run.entropy_bonus.state_dict()}

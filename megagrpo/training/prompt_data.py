@@ -14,11 +14,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from megagrpo.data.errors import DataError
-from megagrpo.data.prompts import PromptFormat, prepare_source
+from megagrpo.data.prompts import (
+    PromptFormat,
+    chat_template_of,
+    check_columns,
+    prepare_row,
+    prepare_source,
+)
 from megagrpo.data.rows import REASONS, SkippedRows
 from megagrpo.data.sampler import PromptSampler
 from megagrpo.data.sources import load_mixture, open_source
-from megagrpo.rewards.registry import reads_solution
+from megagrpo.data.stream_sampler import PromptStream, take_in_order
+from megagrpo.data.stream_sources import open_member, open_members
+from megagrpo.rewards.registry import reads_solution, reads_verification_info
 from megagrpo.training.generation_steps import GenerationSchedule
 
 
@@ -26,7 +34,7 @@ from megagrpo.training.generation_steps import GenerationSchedule
 class PromptData:
     train: Any
     test: Any | None
-    sampler: PromptSampler
+    sampler: PromptSampler | PromptStream
     """Draws each generation batch's prompts (its "steps" are generation batches)."""
     prompts_per_step: int
     """Prompts per generation batch, over all data-parallel ranks."""
@@ -37,16 +45,58 @@ class PromptData:
     reward_columns: dict[str, str]
     """Name a reward function reads (``solution``) -> the dataset column holding it."""
     skipped: SkippedRows
-    """Rows dropped from the train and test prompts (bad rows, too-long prompts), per reason."""
+    """Rows dropped from the train and test prompts (bad rows, too-long prompts), per reason
+    (streaming: the test split's; the train split's are counted by ``stream`` as it reads)."""
+    stream: PromptStream | None = None
+    """``dataset_streaming``: the sampler, which reads the prompts as the steps take them."""
 
     @property
     def skipped_long_prompts(self) -> int:
         return self.skipped.counts.get("prompt_too_long", 0)
 
+    def position(self, generation: int) -> dict:
+        """The data position before generation batch ``generation``, for the checkpoint
+        (streaming only: otherwise the position is a function of the step)."""
+        return self.stream.state_before(generation) if self.stream is not None else {}
+
+    def resume(self, position: dict, generation: int) -> None:
+        """Continue from a checkpoint's ``position`` before generation batch ``generation``."""
+        if self.stream is None:
+            return
+        self.stream.load_state_dict(position)
+        if position["step"] != generation:
+            raise ValueError(
+                f"the checkpoint's data position is before generation batch {position['step']}, "
+                f"but the run resumes at generation batch {generation}"
+            )
+
+    def step_metrics(self, generation: int) -> dict:
+        """Streaming: ``data/skipped_rows`` after generation batch ``generation`` (the rows
+        skipped so far in the first pass), and the skip summary printed once, when the first
+        pass ends. Empty otherwise (the counts are logged once, with the first record)."""
+        if self.stream is None:
+            return {}
+        state = self.stream.state_before(generation + 1)
+        counts, first = state["skipped"]["counts"], state["skipped"]["first"]
+        skipped = SkippedRows(dict(counts), {k: list(v) for k, v in first.items()})
+        skipped.merge(self.skipped)
+        if state["epoch"] > 0 and not self._summary_printed and skipped.total:
+            print(f"megagrpo: skipped {skipped.summary()} (first pass over the data)", flush=True)
+            self._summary_printed = True
+        return skipped.metrics()
+
+    _summary_printed = False
+
 
 def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
     s, t = recipe.script, recipe.training
     reward_columns = {"solution": s.dataset_solution_column} if s.dataset_solution_column else {}
+    row_checks = {}
+    if reads_verification_info(s.reward_funcs):  # the code rewards' test cases
+        from megagrpo.rewards.code_execution import COLUMN, verification_problem
+
+        reward_columns[COLUMN] = COLUMN
+        row_checks[COLUMN] = verification_problem
     fmt = PromptFormat(
         prompt_column=s.dataset_prompt_column,
         system_prompt=t.system_prompt,
@@ -67,8 +117,16 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
             chat_template=t.chat_template,
             on_bad_rows=s.on_bad_rows,
             solution_column=solution_column,
+            row_checks=row_checks,
         )
 
+    schedule = GenerationSchedule.from_config(t, dp_size)
+    completions = t.per_device_train_batch_size * t.steps_per_generation_for(dp_size) * dp_size
+    prompts_per_step = completions // t.num_generations
+    if s.dataset_streaming:
+        return _streamed_prompt_data(
+            recipe, tokenizer, fmt, prompts_per_step, reward_columns, row_checks
+        )
     if s.dataset_mixture is not None:
         test_solution = evaluates and s.dataset_mixture.test_split_size
         solution_column = s.dataset_solution_column if test_solution else rewards_solution
@@ -84,9 +142,6 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
             test = prepare(src, test_skipped, s.dataset_solution_column)
     if test is not None and t.eval_max_prompts:
         test = test.select(range(min(t.eval_max_prompts, len(test))))
-    schedule = GenerationSchedule.from_config(t, dp_size)
-    completions = t.per_device_train_batch_size * t.steps_per_generation_for(dp_size) * dp_size
-    prompts_per_step = completions // t.num_generations
     if len(train) < prompts_per_step:
         raise DataError(_too_few_prompts(recipe, len(train), prompts_per_step, train_skipped))
     skipped = SkippedRows()
@@ -102,6 +157,61 @@ def load_prompt_data(recipe, tokenizer, *, dp_size: int) -> PromptData:
         steps_per_epoch=sampler.steps_per_epoch * schedule.updates_per_generation,
         reward_columns=reward_columns,
         skipped=skipped,
+    )
+
+
+def _streamed_prompt_data(
+    recipe, tokenizer, fmt, prompts_per_step, reward_columns, row_checks
+) -> PromptData:
+    """``dataset_streaming``: the members opened (no row read), the first step's prompts read and
+    tokenized now (so that a bad first row or too little data stops before training), the test
+    split read in file order (its first ``eval_max_prompts`` prompts)."""
+    s, t = recipe.script, recipe.training
+    if fmt.long_prompts not in ("skip", "error"):
+        raise DataError(f"long_prompts={fmt.long_prompts!r}; expected 'skip' or 'error'")
+    members = open_members(s)
+    for m in members:
+        check_columns(m.columns, fmt, m.name)
+    template = chat_template_of(tokenizer, t.chat_template, members[0].name)
+    solution = s.dataset_solution_column if reads_solution(s.reward_funcs) else None
+
+    def prepare(row, solution_column=solution):
+        return prepare_row(row, tokenizer, fmt, template, solution_column, row_checks)
+
+    stream = PromptStream(
+        members,
+        prepare,
+        prompts_per_step,
+        seed=t.seed,
+        buffer_size=s.dataset_shuffle_buffer_size,
+        on_bad_rows=s.on_bad_rows,
+        long_prompts=fmt.long_prompts,
+        too_few=lambda kept, skipped: _too_few_prompts(recipe, kept, prompts_per_step, skipped),
+    )
+    stream.rows_at(0)
+    test, test_skipped = None, SkippedRows()
+    if t.eval_strategy != "no":
+        member = open_member(s.dataset_name, s.dataset_test_split)
+        check_columns(member.columns, fmt, member.name)
+        test = take_in_order(
+            member,
+            lambda row: prepare(row, s.dataset_solution_column),
+            t.eval_max_prompts or None,
+            on_bad_rows=s.on_bad_rows,
+            long_prompts=fmt.long_prompts,
+            skipped=test_skipped,
+            buffer_size=s.dataset_shuffle_buffer_size,
+        )
+    return PromptData(
+        train=stream.rows,
+        test=test,
+        sampler=stream,
+        prompts_per_step=prompts_per_step,
+        total_steps=t.max_steps,
+        steps_per_epoch=0,  # unknown before a pass over the data (no "epoch" strategies)
+        reward_columns=reward_columns,
+        skipped=test_skipped,
+        stream=stream,
     )
 
 
@@ -153,7 +263,7 @@ def share_prompt_data(recipe, tokenizer, groups, broadcast, *, load: bool | None
         try:
             data = load_prompt_data(recipe, tokenizer, dp_size=groups.dp_size)
             shared = ("ok", data.total_steps, data.steps_per_epoch)
-            if groups.rank == 0 and data.skipped.total:
+            if groups.rank == 0 and data.skipped.total and data.stream is None:
                 print(f"megagrpo: skipped {data.skipped.summary()}", flush=True)
         except DataError as e:
             failure, shared = e, ("data_error", str(e))

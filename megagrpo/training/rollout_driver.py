@@ -141,6 +141,7 @@ class RolloutDriver:
         )
         if selection is not None:
             data.metrics.update(selection.metrics())
+        data.metrics.update(self.data.step_metrics(step))  # streaming: rows skipped so far
         data.metrics["time/generation"] = generating  # waiting for the engine (async: overlapped)
         data.metrics["rollout/staleness"] = float(batch.staleness(self.producer.updates))
         return data
