@@ -182,6 +182,7 @@ def server_pool_worker(hf_dir, log_dir):
     bit, samples with the trainer's log-probs, a server killed with kill -9 in the middle of a
     batch restarted with the current weights, and the batch completed."""
     import signal
+    import time
 
     from megagrpo.conversion.hf_weights import iter_hf_tensors
     from megagrpo.rollout.pool import RolloutPool, RolloutPoolConfig
@@ -263,10 +264,15 @@ def server_pool_worker(hf_dir, log_dir):
     finally:
         pool.close()
     out["servers_left"] = [p for p in pool.engine_pids() if p and os.path.exists(f"/proc/{p}")]
-    # nothing a server started (vLLM's engine core, its workers) outlives it, killed or not
-    out["group_members_left"] = [
-        pid for pid, pgid in _process_groups().items() if pgid in groups_of_servers
-    ]
+    # nothing a server started (vLLM's engine core, its workers) outlives it, killed or not; a
+    # process SIGKILLed in uninterruptible sleep takes a moment to go, so wait up to 10 s for it
+    deadline = time.monotonic() + 10
+    while True:
+        left = [pid for pid, pgid in _process_groups().items() if pgid in groups_of_servers]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    out["group_members_left"] = left
     return out
 
 

@@ -5,6 +5,7 @@ seeded shuffle, exact resume from a checkpoint's data position, and the same bad
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -331,3 +332,39 @@ def test_settings_streaming_cannot_honour_are_refused(tmp_path, tok):
         _load(tok, "AI-MO/NuminaMath-TIR")
     with pytest.raises(DataError, match="no such file or directory"):
         _load(tok, tmp_path / "missing.jsonl")
+
+
+# ---- through the training loop ------------------------------------------------------------------
+
+
+def test_a_streamed_run_resumes_exactly_through_the_checkpoint(demo_dir, tmp_path):
+    """The demo streamed: 4 steps uninterrupted, and 2 steps (the run stopped there) resumed from
+    checkpoint-2 for steps 3-4; the resumed steps train on the same prompts (the same rewards,
+    losses and gradient norms), from the position the checkpoint saved."""
+    from _multiproc import run_ranks
+    from _train_workers import demo_run_worker
+
+    stream = ["--dataset_streaming", "true", "--dataset_shuffle_buffer_size", "64"]
+    quiet = [
+        "--eval_strategy",
+        "no",
+        "--log_completions",
+        "false",
+        "--lr_scheduler_type",
+        "constant",
+    ]
+    full = run_ranks(
+        1, demo_run_worker, demo_dir, str(tmp_path / "a"),
+        [*stream, *quiet, "--save_strategy", "no", "--max_steps", "4"],
+    )[0]  # fmt: skip
+    out = str(tmp_path / "b")
+    saving = [*stream, *quiet, "--save_steps", "2", "--max_steps", "4"]
+    run_ranks(1, demo_run_worker, demo_dir, out, [*saving, "--max_steps", "2"])
+    with open(os.path.join(out, "checkpoint-2", "trainer_state.json")) as f:
+        position = json.load(f)["sampler"]
+    assert position["step"] == 2 and position["epoch"] == 0  # the stream's, before batch 2
+    resumed = run_ranks(1, demo_run_worker, demo_dir, out, saving)[0]
+    assert [h["step"] for h in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        for key in ("reward", "loss", "grad_norm", "completions/mean_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
