@@ -67,9 +67,14 @@ def write_addition_dataset(directory: str, *, seed: int = 0) -> dict:
     """Write ``train.jsonl`` (400 problems) and ``test.jsonl`` (100: one unseen phrasing of each
     fact) split by ``seed``; returns their paths."""
     train, test = split_problems(seed)
+    return write_splits(directory, {"test": test, "train": train})
+
+
+def write_splits(directory: str, splits: dict[str, list[dict]]) -> dict:
+    """Write each split's rows as ``<directory>/<split>.jsonl``; returns {split: path}."""
     os.makedirs(directory, exist_ok=True)
     paths = {}
-    for split, part in (("test", test), ("train", train)):
+    for split, part in splits.items():
         path = os.path.join(directory, f"{split}.jsonl")
         with open(path, "w", encoding="utf-8") as f:
             for row in part:

@@ -9,9 +9,9 @@ reference functions. A fixed seed splits them into train and test jsonl files.
 
 from __future__ import annotations
 
-import json
-import os
 import random
+
+from megagrpo.demo.arithmetic import write_splits
 
 CODE_SYSTEM_PROMPT = "Think in <think> </think>, answer in <answer> </answer>: a ```python program."
 
@@ -61,15 +61,7 @@ def write_code_dataset(directory: str, *, test_size: int = 2, seed: int = 0) -> 
     """Write ``train.jsonl`` and ``test.jsonl`` of the code task; returns their paths."""
     rows = code_problems()
     random.Random(seed).shuffle(rows)
-    os.makedirs(directory, exist_ok=True)
-    paths = {}
-    for split, part in (("test", rows[:test_size]), ("train", rows[test_size:])):
-        path = os.path.join(directory, f"{split}.jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            for row in part:
-                f.write(json.dumps(row) + "\n")
-        paths[split] = path
-    return paths
+    return write_splits(directory, {"test": rows[:test_size], "train": rows[test_size:]})
 
 
 def formatted_code_answer(row: dict) -> str:
