@@ -10,8 +10,17 @@ Cases SDPA does not cover here (an explicit attention mask, a non-causal mask ty
 dropout while training, softmax offsets, query-key layer scaling) fall back to megatron-core's
 implementation.
 
+Packed sequences (``PackedSeqParams`` with ``qkv_format="thd"``, what Transformer Engine takes on
+GPU; megatron's local attention refuses them): query [t, heads, d], key and value [t, groups, d],
+the sequences back to back at the offsets ``cu_seqlens_q``. Each sequence attends causally to
+itself only. The tokens are scattered into a right-padded [sequences, heads, max_seqlen, d] batch,
+attended with ``is_causal`` (a right-padded sequence's real queries never see its padding), and
+gathered back: the padded attention's cost, while the rest of the model runs on the t real tokens.
+Measured on the demo's model against one SDPA call with a block-diagonal causal mask [t, t] and a
+loop of per-sequence SDPA calls (``docs/measurements.md``).
+
 Shapes: query [sq, b, heads, d], key and value [sk, b, groups, d] (heads and groups of this
-tensor-parallel rank); output [sq, b, heads * d].
+tensor-parallel rank); output [sq, b, heads * d]; packed: [t, heads, d] in, [t, heads * d] out.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ class SDPAttention(DotProductAttention):
         return (
             attention_mask is None
             and attention_bias is None
-            and packed_seq_params is None
+            and (packed_seq_params is None or packed_seq_params.qkv_format == "thd")
             and attn_mask_type == AttnMaskType.causal
             and self.softmax_offset is None
             and not getattr(cfg, "apply_query_key_layer_scaling", False)
@@ -50,9 +59,42 @@ class SDPAttention(DotProductAttention):
             return super().forward(
                 query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
             )
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         sq, b, heads, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         context = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads
         )
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+    def _packed(self, query, key, value, params) -> torch.Tensor:
+        t, heads, d = query.shape
+        if not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv):
+            raise ValueError("packed self-attention: cu_seqlens_q and cu_seqlens_kv differ")
+        slot_t, num_seqs, width = _padded_slots(params.cu_seqlens_q, params.max_seqlen_q)
+
+        def pad(x):  # [t, n, d] -> [S, n, width, d]
+            buf = x.new_zeros(num_seqs * width, *x.shape[1:]).index_copy(0, slot_t, x)
+            return buf.view(num_seqs, width, *x.shape[1:]).transpose(1, 2)
+
+        context = F.scaled_dot_product_attention(
+            pad(query),
+            pad(key),
+            pad(value),
+            is_causal=True,
+            scale=self.softmax_scale,
+            enable_gqa=key.shape[1] != heads,
+        )  # [S, heads, width, d]
+        flat = context.transpose(1, 2).reshape(num_seqs * width, heads * d)
+        return flat.index_select(0, slot_t)
+
+
+def _padded_slots(cu_seqlens: torch.Tensor, max_seqlen: int):
+    """``(slot_t, S, width)``: the row of each packed token in a [S x width] right-padded layout."""
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    num_seqs, width = lengths.numel(), int(max_seqlen)
+    seq_t = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths)
+    offset_t = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][seq_t]
+    return seq_t * width + offset_t, num_seqs, width

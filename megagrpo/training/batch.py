@@ -1,7 +1,7 @@
 """From rollout samples to the micro-batches the policy is trained on.
 
 Legend: N completions on this rank (group-major), b completions in a micro-batch, L padded
-sequence length.
+sequence length, t tokens of a packed micro-batch.
 
 A sequence is the prompt's tokens followed by the completion's, right-padded to L (all
 micro-batches of a step share L, so pipeline stages exchange tensors of one shape). The logits at
@@ -9,6 +9,12 @@ position t predict token t + 1, so the per-token tensors are laid out by *predic
 ``targets_bl[:, t] = input_ids_bl[:, t + 1]`` and ``mask_bl[:, t] = 1`` where token t + 1 is a
 completion token that counts in the loss. Sampler, old and reference log-probs use the same
 layout. ``mask_truncated_completions`` zeroes the mask of completions that hit max_tokens.
+
+A packed micro-batch (``packing.py``) runs the model on its sequences back to back (``packed``)
+and keeps the same right-padded per-sequence tensors, L being its own longest sequence: the
+logits are gathered into that layout before the loss, so every per-token and per-sequence
+reduction is the padded path's. Its ``loss_weight_bl`` / ``entropy_weight_bl`` carry each
+token's weight in the step's objective (``token_budget.py``); None for padded micro-batches.
 """
 
 from __future__ import annotations
@@ -66,12 +72,54 @@ class MicroBatch:
     """The sampler importance weight of each position (``algorithms/importance_sampling.py``)."""
     index: list[int] = field(default_factory=list)
     """Positions of these completions in the step's CompletionBatch."""
+    packed: PackedSequences | None = None
+    """The model's input when the sequences run packed (``packing.py``); None: ``input_ids_bl``."""
+    loss_weight_bl: torch.Tensor | None = None
+    """Token-budget micro-batches: each position's weight in the step's policy objective."""
+    entropy_weight_bl: torch.Tensor | None = None
+    """Token-budget micro-batches: each position's weight in the step's entropy bonus."""
 
     @property
     def num_tokens(self) -> int:
         return int(self.mask_bl.sum().item())
 
     def to(self, device) -> MicroBatch:
+        moved = {
+            k: (v.to(device) if torch.is_tensor(v) or isinstance(v, PackedSequences) else v)
+            for k, v in self.__dict__.items()
+        }
+        return replace(self, **moved)
+
+
+@dataclass
+class PackedSequences:
+    """Sequences back to back for the model: megatron's ``PackedSeqParams`` (THD) layout."""
+
+    input_ids_1t: torch.Tensor
+    cu_seqlens: torch.Tensor
+    """int32 [S + 1]: where each sequence starts (padding up to a fixed size: more sequences)."""
+    max_seqlen: int
+    unpack_bl: torch.Tensor
+    """long [b, L]: the packed position of each position of the micro-batch's padded layout
+    (0 past a sequence's end, where the mask is 0)."""
+
+    def params(self):
+        """megatron's ``PackedSeqParams`` for these sequences."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
+
+    def unpack(self, logits_1tv: torch.Tensor) -> torch.Tensor:
+        """The model's output ``[1, t, V]`` in the micro-batch's padded layout ``[b, L, V]``."""
+        return logits_1tv[0][self.unpack_bl]
+
+    def to(self, device) -> PackedSequences:
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
         return replace(self, **moved)
 
@@ -110,32 +158,47 @@ def make_micro_batches(
             f"{micro_batch_size}"
         )
     length = padded_length(batch, length_multiple)
-    out = []
-    for start in range(0, n, micro_batch_size):
-        idx = list(range(start, start + micro_batch_size))
-        ids_bl = torch.full((len(idx), length), pad_token_id, dtype=torch.long)
-        mask_bl = torch.zeros(len(idx), length)
-        samp_bl = torch.zeros(len(idx), length) if batch.sampler_logprobs is not None else None
-        for row, i in enumerate(idx):
-            p, c = batch.prompt_ids[i], batch.completion_ids[i]
-            ids_bl[row, : len(p)] = torch.tensor(p, dtype=torch.long)
-            ids_bl[row, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-            if not (mask_truncated_completions and batch.finish_reasons[i] == "length"):
-                mask_bl[row, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
-            if samp_bl is not None and c:
-                samp_bl[row, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(
-                    batch.sampler_logprobs[i], dtype=torch.float32
-                )
-        targets_bl = torch.zeros_like(ids_bl)
-        targets_bl[:, :-1] = ids_bl[:, 1:]
-        out.append(
-            MicroBatch(
-                input_ids_bl=ids_bl,
-                targets_bl=targets_bl,
-                mask_bl=mask_bl,
-                advantages_b=batch.advantages_n[idx].float(),
-                sampler_logp_bl=samp_bl,
-                index=idx,
-            )
+    return [
+        padded_micro_batch(
+            batch,
+            list(range(start, start + micro_batch_size)),
+            length,
+            pad_token_id=pad_token_id,
+            mask_truncated_completions=mask_truncated_completions,
         )
-    return out
+        for start in range(0, n, micro_batch_size)
+    ]
+
+
+def padded_micro_batch(
+    batch: CompletionBatch,
+    idx: list[int],
+    length: int,
+    *,
+    pad_token_id: int,
+    mask_truncated_completions: bool = False,
+) -> MicroBatch:
+    """The completions ``idx`` of ``batch``, right-padded to ``length``."""
+    ids_bl = torch.full((len(idx), length), pad_token_id, dtype=torch.long)
+    mask_bl = torch.zeros(len(idx), length)
+    samp_bl = torch.zeros(len(idx), length) if batch.sampler_logprobs is not None else None
+    for row, i in enumerate(idx):
+        p, c = batch.prompt_ids[i], batch.completion_ids[i]
+        ids_bl[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids_bl[row, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        if not (mask_truncated_completions and batch.finish_reasons[i] == "length"):
+            mask_bl[row, len(p) - 1 : len(p) - 1 + len(c)] = 1.0
+        if samp_bl is not None and c:
+            samp_bl[row, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(
+                batch.sampler_logprobs[i], dtype=torch.float32
+            )
+    targets_bl = torch.zeros_like(ids_bl)
+    targets_bl[:, :-1] = ids_bl[:, 1:]
+    return MicroBatch(
+        input_ids_bl=ids_bl,
+        targets_bl=targets_bl,
+        mask_bl=mask_bl,
+        advantages_b=batch.advantages_n[idx].float(),
+        sampler_logp_bl=samp_bl,
+        index=list(idx),
+    )

@@ -5,7 +5,8 @@ learning-rate schedule is ``lr_schedule.py``).
 model-parallel group hold the step's data), lets megatron pick the schedule (no pipelining, 1F1B,
 interleaved 1F1B), and returns what the loss function produced for each micro-batch on the last
 stage (an empty list elsewhere). The loss function receives the micro-batch and this rank's
-vocab-parallel logits ``[b, L, V/TP]``.
+vocab-parallel logits ``[b, L, V/TP]``; a packed micro-batch (``packing.py``) runs ``[1, t]``
+tokens with its ``PackedSeqParams`` and its logits are gathered into that layout first.
 """
 
 from __future__ import annotations
@@ -31,11 +32,18 @@ def forward_backward(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(mb.input_ids_bl, None, attention_mask=None)
-        return output, lambda logits: loss_fn(mb, logits)
+        if mb.packed is None:
+            output = model(mb.input_ids_bl, None, attention_mask=None)
+            return output, lambda logits: loss_fn(mb, logits)
+        packed = mb.packed
+        output = model(
+            packed.input_ids_1t, None, attention_mask=None, packed_seq_params=packed.params()
+        )
+        return output, lambda logits: loss_fn(mb, packed.unpack(logits))
 
     iterators = [iter(micro_batches) for _ in chunks]  # one per model chunk (interleaved 1F1B)
-    shape = micro_batches[0].input_ids_bl.shape
+    first = micro_batches[0]
+    shape = (first.packed.input_ids_1t if first.packed is not None else first.input_ids_bl).shape
     context = torch.no_grad() if forward_only else nullcontext()
     with context:
         return get_forward_backward_func()(
