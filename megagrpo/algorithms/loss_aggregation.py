@@ -21,6 +21,12 @@ megatron-core's schedules divide each micro-batch loss by the number of micro-ba
 data-parallel gradient reduction averages over DP ranks. ``loss`` returns the value to hand to
 megatron so that, after both, the gradient is the gradient of the loss type's objective;
 ``objective`` is the micro-batch's value of the objective, for metrics.
+
+Token-budget micro-batches (``training/token_budget.py``) hold a varying number of sequences,
+balanced over DP ranks by tokens. Every aggregation is linear in the per-token losses, so the
+step's objective is a weighted token sum: ``token_weights`` gives each token its weight as the
+padded per-sample micro-batches of ``micro_batch_size`` define it, and ``TokenWeighted`` sums
+those weighted losses, whatever micro-batch or rank a sequence trains on.
 """
 
 from __future__ import annotations
@@ -65,6 +71,41 @@ class LossType:
         """The step's loss from the sum of ``objective`` over its micro-batches and DP ranks:
         their mean, as megatron averages them."""
         return objective_sum / max(num_parts, 1)
+
+    def bonus_parts(self, num_parts: int) -> int:
+        """What the summed entropy bonus is divided by for the step's value (its mean over the
+        micro-batches and DP ranks)."""
+        return max(num_parts, 1)
+
+    def token_weights(self, mask_bt: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        """``[B, T]``: each token's weight in the step's objective when ``mask_bt`` is one of
+        the step's micro-batches (this aggregation being linear in the per-token losses): what
+        megatron's schedules and the DP average make of ``loss``."""
+        loss_bt = torch.zeros_like(mask_bt, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            (grad_bt,) = torch.autograd.grad(self.loss(loss_bt, mask_bt.double(), ctx), loss_bt)
+        return grad_bt / (ctx.num_microbatches * ctx.dp_size)
+
+
+class TokenWeighted(LossType):
+    """Token-budget micro-batches: the per-token losses times each token's weight in the step's
+    objective (``token_weights`` of the run's loss type), summed. ``ctx.num_microbatches`` is
+    this rank's number of micro-batches (ranks may differ)."""
+
+    name = "token_weighted"
+
+    def objective(self, loss_bt, weight_bt, ctx):
+        return (loss_bt * weight_bt.to(loss_bt.dtype)).sum()
+
+    def loss(self, loss_bt, weight_bt, ctx):
+        # undo megatron's division by this rank's micro-batches and the DP average
+        return self.objective(loss_bt, weight_bt, ctx) * (ctx.num_microbatches * ctx.dp_size)
+
+    def combine(self, objective_sum, num_parts):
+        return objective_sum  # each part is already the micro-batch's share of the step's loss
+
+    def bonus_parts(self, num_parts):
+        return 1
 
 
 class SequenceMean(LossType):

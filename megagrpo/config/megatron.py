@@ -53,6 +53,15 @@ class MegatronConfig:
         help="Completions per forward/backward micro-batch; None uses per_device_train_batch_size. "
         "Must divide per_device_train_batch_size x gradient_accumulation_steps.",
     )
+    max_tokens_per_micro_batch: int | None = option(
+        None,
+        help="Token-budget micro-batches: each micro-batch packs whole prompt + completion "
+        "sequences back to back (no padding; attention stays within a sequence) up to this many "
+        "tokens, and the sequences are balanced over data-parallel ranks by tokens. The loss "
+        "normalisers stay those of padded micro-batches of micro_batch_size. Must be >= "
+        "max_prompt_length + max_completion_length. None: padded micro-batches of "
+        "micro_batch_size completions.",
+    )
     make_vocab_size_divisible_by: int = option(
         128,
         help="Pad the vocabulary to a multiple of this x TP (padded logits are masked out).",

@@ -347,6 +347,7 @@ def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
                 f"{t.per_device_train_batch_size} x gradient_accumulation_steps="
                 f"{t.gradient_accumulation_steps} = {per_rank}"
             )
+    _check_token_budget(recipe, errors)
     _check_recompute(recipe, errors)
     _check_fp8(recipe, errors)
     if mc.overlap_param_gather and not (mc.use_distributed_optimizer and mc.overlap_grad_reduce):
@@ -354,6 +355,35 @@ def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
             f"overlap_param_gather=True needs use_distributed_optimizer=True and "
             f"overlap_grad_reduce=True, got use_distributed_optimizer="
             f"{mc.use_distributed_optimizer}, overlap_grad_reduce={mc.overlap_grad_reduce}"
+        )
+
+
+def _check_token_budget(recipe: Recipe, errors: list[str]) -> None:
+    mc, t = recipe.megatron, recipe.training
+    budget = mc.max_tokens_per_micro_batch
+    if budget is None:
+        return
+    if budget < 1:
+        errors.append(f"max_tokens_per_micro_batch={budget} must be >= 1 (or null: padded)")
+        return
+    if t.max_prompt_length is not None and budget < t.max_prompt_length + t.max_completion_length:
+        errors.append(
+            f"max_tokens_per_micro_batch={budget} must be >= max_prompt_length="
+            f"{t.max_prompt_length} + max_completion_length={t.max_completion_length}: a "
+            "micro-batch holds whole sequences"
+        )
+    if t.top_entropy_quantile < 1.0:
+        errors.append(
+            f"max_tokens_per_micro_batch={budget} with top_entropy_quantile="
+            f"{t.top_entropy_quantile}: the entropy quantile is taken over a micro-batch's tokens, "
+            "so token-budget micro-batches would change it; use padded micro-batches "
+            "(max_tokens_per_micro_batch: null)"
+        )
+    if mc.virtual_pipeline_model_parallel_size is not None:
+        errors.append(
+            f"max_tokens_per_micro_batch={budget} with virtual_pipeline_model_parallel_size="
+            f"{mc.virtual_pipeline_model_parallel_size}: the interleaved schedule needs a multiple "
+            "of pipeline_model_parallel_size micro-batches, which a token budget does not give"
         )
 
 

@@ -42,6 +42,7 @@ from megagrpo.training.optimizer import OptimizerSettings, build_optimizer, wrap
 from megagrpo.training.prompt_data import share_prompt_data
 from megagrpo.training.reference import ReferenceModel
 from megagrpo.training.rollout_engines import engine_share
+from megagrpo.training.token_budget import TokenBudget
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Run:
     """Optimizer steps of the run (TRL's count)."""
     start_step: int
     micro_batch_size: int
+    token_budget: TokenBudget | None
+    """Token-budget micro-batches (``max_tokens_per_micro_batch``); None: padded ones."""
     steps_per_epoch: int
     """Optimizer steps per pass over the prompts."""
     generation: GenerationSchedule
@@ -252,6 +255,13 @@ def build_run(recipe: Recipe) -> Run:
         total_steps=total_steps,
         start_step=start_step,
         micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
+        token_budget=None
+        if mc.max_tokens_per_micro_batch is None
+        else TokenBudget(
+            max_tokens=mc.max_tokens_per_micro_batch,
+            micro_batch_size=mc.micro_batch_size or t.per_device_train_batch_size,
+            pad_to_budget=mc.pipeline_model_parallel_size > 1,
+        ),
         steps_per_epoch=steps_per_epoch,
         generation=generation,
         data=data,

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from megagrpo.algorithms.loss_aggregation import BatchContext
+from megagrpo.algorithms.loss_aggregation import BatchContext, TokenWeighted
 from megagrpo.monitoring.progress import StepProgress
 from megagrpo.rollout.weight_sync import sync_weights_from_megatron
 from megagrpo.training.batch import make_micro_batches, sequence_length_multiple
@@ -24,7 +25,8 @@ from megagrpo.training.generation_steps import split_generation
 from megagrpo.training.logprob_pass import fill_logprobs
 from megagrpo.training.optimizer import finish_param_gather, set_learning_rate
 from megagrpo.training.policy_update import grpo_update, reduce_metrics
-from megagrpo.training.rollout_step import broadcast_step, local_batch
+from megagrpo.training.rollout_step import broadcast_step, local_batch, rank_share
+from megagrpo.training.token_budget import token_budget_micro_batches
 
 
 def train(run) -> list[dict]:
@@ -74,6 +76,7 @@ def train_generation(run, generation: int, progress) -> list[dict]:
         t.max_completion_length,
         steps=len(parts),
     )
+    loss_type = run.loss_type if run.token_budget is None else TokenWeighted()
     with timer("logprobs"):
         if run.needs_old_logprobs:
             for mbs in parts:
@@ -90,7 +93,10 @@ def train_generation(run, generation: int, progress) -> list[dict]:
     history = []
     for step in steps:
         with timer("update"):
-            update = optimizer_step(run, parts[run.generation.part_of(step)], ctx, step)
+            mbs = parts[run.generation.part_of(step)]
+            if run.token_budget is not None:  # this rank's micro-batches of this step
+                ctx = replace(ctx, num_microbatches=len(mbs))
+            update = optimizer_step(run, mbs, ctx, step, loss_type)
         sync_reference(run, step + 1)
         ends_generation = step == steps[-1]
         if ends_generation:
@@ -108,14 +114,31 @@ def step_micro_batches(run, data, generation: int) -> list[list]:
     """This rank's share of the generation batch as one list of micro-batches per optimizer-step
     batch (``generation_steps.split_generation``), on the device."""
     t = run.recipe.training
-    share = local_batch(data, run.groups, t.num_generations)
-    split = split_generation(
-        share, run.generation.parts, seed=t.seed, generation=generation, dp_rank=run.groups.dp_rank
-    )
     length_multiple = sequence_length_multiple(
         fp8=run.recipe.megatron.fp8 is not None,
         sequence_parallel=run.recipe.megatron.sequence_parallel,
         tp_size=run.groups.tp_size,
+    )
+    if run.token_budget is not None:
+        g = run.groups
+        shares = [rank_share(data, r, g.dp_size, t.num_generations) for r in range(g.dp_size)]
+        parts = token_budget_micro_batches(
+            shares,
+            g.dp_rank,
+            run.token_budget,
+            run.loss_type,
+            parts=run.generation.parts,
+            seed=t.seed,
+            generation=generation,
+            max_completion_length=t.max_completion_length,
+            pad_token_id=run.tokenizer.pad_token_id or 0,
+            mask_truncated_completions=t.mask_truncated_completions,
+            length_multiple=length_multiple,
+        )
+        return [[mb.to(run.device) for mb in mbs] for mbs in parts]
+    share = local_batch(data, run.groups, t.num_generations)
+    split = split_generation(
+        share, run.generation.parts, seed=t.seed, generation=generation, dp_rank=run.groups.dp_rank
     )
     return [
         [
@@ -159,16 +182,20 @@ def sync_reference(run, step: int) -> None:
     run.reference.mix_in(run.modules, t.ref_model_mixup_alpha)
 
 
-def optimizer_step(run, mbs, ctx: BatchContext, update_index: int) -> dict[str, float]:
+def optimizer_step(
+    run, mbs, ctx: BatchContext, update_index: int, loss_type=None
+) -> dict[str, float]:
+    """One optimizer step over ``mbs``; ``loss_type`` defaults to the run's."""
+    loss_type = run.loss_type if loss_type is None else loss_type
     for m in run.policy:
         m.zero_grad_buffer()
     run.optimizer.zero_grad()
     bonus = run.entropy_bonus
     coef = bonus.applied_coef() if bonus is not None else 0.0
-    sums = grpo_update(run.policy, mbs, run.groups, run.loss_spec, run.loss_type, ctx, coef)
+    sums = grpo_update(run.policy, mbs, run.groups, run.loss_spec, loss_type, ctx, coef)
     lr = run.schedule.lr(update_index)
     metrics = reduce_metrics(
-        sums, run.groups, ctx.num_microbatches, run.loss_type, run.loss_spec.objective
+        sums, run.groups, ctx.num_microbatches, loss_type, run.loss_spec.objective
     )
     if bonus is not None:  # every rank: the same reduced metrics, so the same coefficient
         bonus.step_done(metrics["entropy/trained"])

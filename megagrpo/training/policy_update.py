@@ -68,16 +68,41 @@ def grpo_update(
             return_entropy=True,
             entropy_grad=entropy_coef != 0.0,
         )
-        value, bonus = micro_batch_loss(out, mb.mask_bl, loss_type, ctx, entropy_coef)
+        value, bonus = micro_batch_loss(
+            out,
+            mb.mask_bl,
+            loss_type,
+            ctx,
+            entropy_coef,
+            loss_weight_bl=mb.loss_weight_bl,
+            entropy_weight_bl=mb.entropy_weight_bl,
+        )
         return value, {"sums": _metric_sums(mb, out, loss_type, ctx, bonus)}
 
     outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=False)
     return [o["sums"] for o in outputs]
 
 
-def micro_batch_loss(out, mask_bl, loss_type: LossType, ctx: BatchContext, entropy_coef: float):
+def micro_batch_loss(
+    out,
+    mask_bl,
+    loss_type: LossType,
+    ctx: BatchContext,
+    entropy_coef: float,
+    *,
+    loss_weight_bl=None,
+    entropy_weight_bl=None,
+):
     """``(value, bonus)``: the scalar a micro-batch hands to megatron's schedule (the loss type's
-    aggregation of ``out.loss`` minus the entropy bonus) and the bonus (None without one)."""
+    aggregation of ``out.loss`` minus the entropy bonus) and the bonus (None without one).
+    A token-budget micro-batch (``loss_weight_bl`` given; ``loss_type`` is ``TokenWeighted``)
+    weighs its tokens as the step's padded micro-batches would, its bonus too."""
+    if loss_weight_bl is not None:
+        value = loss_type.loss(out.loss, loss_weight_bl, ctx)
+        if entropy_coef == 0.0:
+            return value, None
+        bonus = entropy_coef * (out.entropy * entropy_weight_bl.to(out.entropy.dtype)).sum()
+        return value - bonus * (ctx.num_microbatches * ctx.dp_size), bonus
     value = loss_type.loss(out.loss, mask_bl, ctx)
     if entropy_coef == 0.0:
         return value, None
@@ -107,7 +132,9 @@ def _metric_sums(mb, out, loss_type: LossType, ctx: BatchContext, bonus) -> torc
         out.clip_region * tokens,
         sampler_gap,
         sampler_tokens,
-        loss_type.objective(out.loss.detach(), mask, ctx),
+        loss_type.objective(
+            out.loss.detach(), mask if mb.loss_weight_bl is None else mb.loss_weight_bl, ctx
+        ),
         sequences,
         zero if out.phi_mean is None else out.phi_mean * sequences,
         (entropy * trained).sum(),
@@ -139,7 +166,7 @@ def reduce_metrics(
         total = total.cpu()
     s = dict(zip(SUM_KEYS, total.tolist()))
     tokens = max(s["tokens"], 1.0)
-    parts = max(num_microbatches * groups.dp_size, 1)
+    parts = loss_type.bonus_parts(num_microbatches * groups.dp_size)
     policy_loss = loss_type.combine(s["objective"], num_microbatches * groups.dp_size)
     metrics = {
         # k3 = exp(r) - r - 1 with r = ref_logp - logp, the mean over completion tokens (TRL's

@@ -214,14 +214,19 @@ def broadcast_step(data: StepData | None, groups) -> StepData:
 
 def local_batch(data: StepData, groups, num_generations: int) -> CompletionBatch:
     """This data-parallel rank's contiguous share of whole groups."""
+    return rank_share(data, groups.dp_rank, groups.dp_size, num_generations)
+
+
+def rank_share(data: StepData, dp_rank: int, dp_size: int, num_generations: int) -> CompletionBatch:
+    """Data-parallel rank ``dp_rank``'s contiguous share of whole groups."""
     n = len(data.completion_ids)
-    per_rank = n // groups.dp_size
-    if per_rank * groups.dp_size != n or per_rank % num_generations:
+    per_rank = n // dp_size
+    if per_rank * dp_size != n or per_rank % num_generations:
         raise RuntimeError(
             f"{n} completions do not split into whole groups of "
-            f"{num_generations} over {groups.dp_size} data-parallel ranks"
+            f"{num_generations} over {dp_size} data-parallel ranks"
         )
-    sl = slice(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank)
+    sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     return CompletionBatch(
         prompt_ids=data.prompt_ids[sl],
         completion_ids=data.completion_ids[sl],
