@@ -424,3 +424,91 @@ def code_run_worker(model_dir, data_dir, out_dir, overrides):
     )  # fmt: skip
     run = build_run(recipe)
     return train(run) if run.groups.rank == 0 else None
+
+
+def packed_updates_worker(hf_dir, tp, pp, batch, cases, max_tokens):
+    """For each ``(loss_type, spec, need_old, entropy_coef, sampling)`` of ``cases``: the update
+    (and old log-prob pass) over padded micro-batches of 2 from this DP rank's share, then over
+    token-budget micro-batches of ``max_tokens`` packed tokens balanced over the DP ranks.
+    Returns per case ``{"padded": ..., "packed": ...}``, each with the DP-reduced metrics, the
+    gradients of ``_update`` and the old log-probs by global sequence index (last stage)."""
+    _, groups, chunks, ddp, _ = _setup(hf_dir, tp, pp)
+    return [
+        {
+            layout: _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout)
+            for layout in ("padded", "packed")
+        }
+        for case in cases
+    ]
+
+
+def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout):
+    from dataclasses import replace
+
+    from megagrpo.algorithms.loss_aggregation import TokenWeighted, get_loss_type
+    from megagrpo.training.batch import make_micro_batches
+    from megagrpo.training.generation_steps import _select
+    from megagrpo.training.logprob_pass import fill_logprobs
+    from megagrpo.training.loop import batch_context
+    from megagrpo.training.token_budget import TokenBudget, token_budget_micro_batches
+
+    loss_type_name, spec, need_old, entropy_coef, sampling = case
+    dp, per_rank = groups.dp_size, len(batch) // groups.dp_size
+    shares = [_select(batch, list(range(r * per_rank, (r + 1) * per_rank))) for r in range(dp)]
+    loss_type = get_loss_type(loss_type_name)
+    if layout == "padded":
+        mbs = make_micro_batches(shares[groups.dp_rank], 2, pad_token_id=0)
+        offset = groups.dp_rank * per_rank  # local index -> index in ``batch``
+        ctx = batch_context(mbs, groups, torch.device("cpu"), max_completion_length=8)
+    else:
+        budget = TokenBudget(
+            max_tokens=max_tokens, micro_batch_size=2, pad_to_budget=groups.pp_size > 1
+        )
+        (mbs,) = token_budget_micro_batches(
+            shares,
+            groups.dp_rank,
+            budget,
+            loss_type,
+            parts=1,
+            seed=0,
+            generation=0,
+            max_completion_length=8,
+            pad_token_id=0,
+        )
+        offset = 0  # the pool's index is the index in ``batch``
+        ctx = batch_context(mbs, groups, torch.device("cpu"), max_completion_length=8)
+        ctx = replace(ctx, num_microbatches=len(mbs))
+        loss_type = TokenWeighted()
+    if need_old:
+        fill_logprobs(ddp, mbs, groups, temperature=spec.temperature, field="old_logp_bl")
+    if sampling is not None:
+        for mb in mbs:
+            mb.is_weight_bl = sampling.weights(mb.old_logp_bl, mb.sampler_logp_bl, mb.mask_bl)
+    for m in ddp:
+        m.zero_grad_buffer()
+    result = _grads_of_update(groups, chunks, ddp, mbs, spec, loss_type, ctx, entropy_coef)
+    old = {}
+    if need_old and groups.is_last_stage:
+        for mb in mbs:
+            for row, i in enumerate(mb.index):
+                p, c = batch.prompt_ids[offset + i], batch.completion_ids[offset + i]
+                old[offset + i] = mb.old_logp_bl[row, len(p) - 1 : len(p) - 1 + len(c)].clone()
+    result["old_logp"] = old
+    result["num_microbatches"] = len(mbs)
+    return result
+
+
+def _grads_of_update(groups, chunks, ddp, mbs, spec, loss_type, ctx, entropy_coef):
+    """DP-reduced metrics and this rank's (DP-averaged) gradient shards of every parameter."""
+    from megagrpo.training.policy_update import grpo_update, reduce_metrics
+
+    sums = grpo_update(ddp, mbs, groups, spec, loss_type, ctx, entropy_coef)
+    for m in ddp:
+        m.finish_grad_sync()
+    metrics = reduce_metrics(sums, groups, len(mbs), loss_type, spec.objective)
+    grads = {
+        f"{k}:{name}": p.main_grad.clone()
+        for k, c in enumerate(chunks)
+        for name, p in c.named_parameters()
+    }
+    return {"metrics": metrics, "grads": grads, "pp_rank": groups.pp_rank}
