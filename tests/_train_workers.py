@@ -481,7 +481,7 @@ def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout):
         loss_type = TokenWeighted()
     if need_old:
         fill_logprobs(ddp, mbs, groups, temperature=spec.temperature, field="old_logp_bl")
-    if sampling is not None:
+    if sampling is not None and groups.is_last_stage:  # the log-probs live on the last stage
         for mb in mbs:
             mb.is_weight_bl = sampling.weights(mb.old_logp_bl, mb.sampler_logp_bl, mb.mask_bl)
     for m in ddp:
