@@ -437,3 +437,19 @@ def test_dynamic_sampling_with_async_rollouts_and_no_signal_at_all(demo_dir, tmp
     assert [e["dynamic_sampling/kept_groups"] for e in expected] == [4, 4, 2]
     assert max(h["rollout/staleness"] for h in history) <= 1
     assert any(h["rollout/staleness"] == 1 for h in history)  # a first round overlapped
+
+
+def test_token_budget_micro_batches_train_as_padded_ones(demo_dir, tmp_path):
+    """``--max_tokens_per_micro_batch``: the demo's first step trains on packed micro-batches of
+    at most 512 tokens (about 6 sequences each, not the recipe's 16 padded ones) with the same
+    loss and gradient norm (dapo: the global token count) as the padded run."""
+    steps = SHORT + ["--max_steps", "1"]
+    padded = _only(run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "padded"), steps))
+    budget = ["--max_tokens_per_micro_batch", "512"]
+    packed = _only(
+        run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "packed"), steps + budget)
+    )
+    assert packed[0]["reward"] == padded[0]["reward"]  # the same rollout
+    assert packed[0]["num_tokens"] == padded[0]["num_tokens"]
+    assert packed[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5, abs=1e-9)
+    assert packed[0]["grad_norm"] == pytest.approx(padded[0]["grad_norm"], rel=1e-5)
