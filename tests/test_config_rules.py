@@ -233,6 +233,19 @@ def test_base_recipe_is_valid():
                 "gradient_accumulation_steps=2 = 8"
             ],
         ),
+        (["--max_tokens_per_micro_batch", "0"], ["max_tokens_per_micro_batch=0 must be >= 1"]),
+        (
+            ["--max_tokens_per_micro_batch", "100", "--max_prompt_length", "64"]
+            + ["--max_completion_length", "64"],
+            [
+                "max_tokens_per_micro_batch=100 must be >= max_prompt_length=64 + "
+                "max_completion_length=64"
+            ],
+        ),
+        (
+            ["--max_tokens_per_micro_batch", "4096", "--top_entropy_quantile", "0.5"],
+            ["max_tokens_per_micro_batch=4096 with top_entropy_quantile=0.5"],
+        ),
         (
             ["--overlap_param_gather"],
             [
