@@ -105,3 +105,93 @@ def test_token_weights_reproduce_each_loss_type(name):
     weights = [loss_type.token_weights(m, ctx) for m in masks]
     weighted = sum(TokenWeighted().objective(lo, w, ctx) for lo, w in zip(losses, weights))
     assert float(weighted) == pytest.approx(float(megatron), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_TYPES))
+def test_token_budget_plan_keeps_each_step_objective(name):
+    """Two optimizer steps per generation batch (shuffled per rank), DP=2: each step's sequences
+    are spread over the ranks exactly once, and with a per-token loss that depends only on the
+    sequence and position, the weighted sums over the ranks' micro-batches give the padded
+    micro-batches' objective (megatron's mean over micro-batches and ranks)."""
+    from megagrpo.training.generation_steps import split_generation
+    from megagrpo.training.token_budget import TokenBudget, token_budget_micro_batches
+
+    g = torch.Generator().manual_seed(4)
+    n, dp, parts, b = 16, 2, 2, 2
+    completions = [
+        torch.randint(8, 50, (int(k),), generator=g).tolist()
+        for k in torch.randint(1, 9, (n,), generator=g)
+    ]
+    prompts = [[1, 2, 3] if i % 2 else [1, 2] for i in range(n)]
+    batch = CompletionBatch(prompts, completions, ["stop"] * n, torch.randn(n, generator=g))
+    key = {i: (tuple(p), tuple(c)) for i, (p, c) in enumerate(zip(prompts, completions))}
+    assert len(set(key.values())) == n
+
+    loss_type = LOSS_TYPES[name]()
+    shares = [batch_select(batch, range(r * n // dp, (r + 1) * n // dp)) for r in range(dp)]
+    budget = TokenBudget(max_tokens=24, micro_batch_size=b)
+    plans = [
+        token_budget_micro_batches(
+            shares,
+            r,
+            budget,
+            loss_type,
+            parts=parts,
+            seed=7,
+            generation=3,
+            max_completion_length=8,
+            pad_token_id=0,
+        )
+        for r in range(dp)
+    ]
+    splits = [
+        split_generation(s, parts, seed=7, generation=3, dp_rank=r) for r, s in enumerate(shares)
+    ]
+    tokens = sum(len(c) for c in completions)
+    for p in range(parts):
+        ref_mbs = [make_micro_batches(splits[r][p], b, pad_token_id=0) for r in range(dp)]
+        ctx = BatchContext(len(ref_mbs[0]), dp, 8, tokens / parts)
+        expected = sum(
+            float(loss_type.loss(_trimmed_loss(mb), mb.mask_bl, ctx))
+            for mbs in ref_mbs
+            for mb in mbs
+        ) / (ctx.num_microbatches * dp)
+        got = sum(
+            float(TokenWeighted().objective(_trimmed_loss(mb), mb.loss_weight_bl, ctx))
+            for r in range(dp)
+            for mb in plans[r][p]
+        )
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-9), p
+        seen = sorted(
+            tuple(
+                mb.input_ids_bl[
+                    row, : int(mb.packed.cu_seqlens[row + 1] - mb.packed.cu_seqlens[row])
+                ].tolist()
+            )
+            for r in range(dp)
+            for mb in plans[r][p]
+            for row in range(len(mb.index))
+        )
+        wanted = sorted(
+            tuple(p_ + c) for s in splits for p_, c in zip(s[p].prompt_ids, s[p].completion_ids)
+        )
+        assert seen == wanted
+        assert all(mb.packed.input_ids_1t.numel() <= 24 for r in range(dp) for mb in plans[r][p])
+
+
+def _trimmed_loss(mb):
+    """``token_loss`` of each row over its own tokens only (padding does not change it)."""
+    out = torch.zeros(mb.mask_bl.shape)
+    for row in range(mb.mask_bl.shape[0]):
+        ids = mb.input_ids_bl[row]
+        n = int((mb.mask_bl[row] > 0).nonzero().max()) + 2 if mb.mask_bl[row].any() else 1
+        seq = ids[:n]
+        h = torch.Generator().manual_seed(hash(tuple(seq.tolist())) % (2**31))
+        out[row, :n] = torch.randn(n, generator=h)
+    return out
+
+
+def batch_select(batch, idx):
+    from megagrpo.training.generation_steps import _select
+
+    return _select(batch, list(idx))
