@@ -50,7 +50,10 @@ def test_pack_padded_to_a_fixed_size_adds_short_padding_sequences():
 
 
 def test_fill_budget_and_its_error():
-    assert fill_budget([5, 9, 3, 7, 4], 12) == [[1, 2], [0, 3], [4]]  # 9+3, 7+5, 4
+    # 9 and 7 fill their bins' padded view (2 x 9, 2 x 7 > 12); 5 + 4: 2 x 5 <= 12; 3 alone
+    assert fill_budget([5, 9, 3, 7, 4], 12) == [[1], [3], [0, 4], [2]]
+    # tokens and padded view both within 20: 6 + 6 + 6, then 4 x 5
+    assert fill_budget([6, 6, 6, 5, 5, 5, 5, 2], 20) == [[0, 1, 2], [3, 4, 5, 6], [7]]
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch=8 is below the longest"):
         fill_budget([5, 9], 8)
 

@@ -148,6 +148,15 @@ def estimate_memory(
     s = prompt + tr.max_completion_length
     b = mc.micro_batch_size or tr.per_device_train_batch_size
     micro_batches = tr.per_device_train_batch_size * tr.gradient_accumulation_steps // b
+    if mc.max_tokens_per_micro_batch is not None:
+        # a pack of N tokens: at most N tokens through the layers and N x s attention scores, as
+        # N / s sequences of the longest length s (logits: gathered into [sequences, longest])
+        b = -(-mc.max_tokens_per_micro_batch // s)
+        micro_batches = pp  # packs per step depend on the lengths: assume the pipeline is full
+        notes.append(
+            f"max_tokens_per_micro_batch={mc.max_tokens_per_micro_batch}: activations and logits "
+            f"sized as {b} sequences of {s} tokens per micro-batch"
+        )
     in_flight = min(pp, micro_batches)
     layers = arch.num_layers // pp
     parts = layer_activation_elements(

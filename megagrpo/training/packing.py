@@ -7,7 +7,9 @@ Transformer Engine's varlen attention on GPU, ``models/sdpa_attention.py`` on CP
 attends to itself only and its rotary positions restart at 0 (megatron applies RoPE per
 ``cu_seqlens``). The per-token tensors stay in the right-padded ``[b, L]`` layout of
 ``batch.py`` (L: this micro-batch's longest sequence) and the logits are gathered into it, so the
-loss, its per-sequence reductions and the log-prob pass are the padded path's.
+loss, its per-sequence reductions and the log-prob pass are the padded path's. That view is
+kept within the budget as well (``fill_budget``): a pack of one long and many short sequences
+would otherwise gather logits far larger than the pack (sequences x longest x vocabulary).
 
 Pipeline stages exchange tensors of one shape, so under PP every packed micro-batch is padded to
 the token budget (``total``): the padding forms extra sequences (no longer than the micro-batch's
@@ -27,8 +29,10 @@ def sequence_lengths(batch: CompletionBatch) -> list[int]:
 
 
 def fill_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into bins of at most ``max_tokens`` tokens (first fit over
-    the sequences longest first); each bin's indices in ascending order."""
+    """Indices of ``lengths`` grouped into bins of at most ``max_tokens`` tokens whose padded view
+    (sequences x the longest) is also at most ``max_tokens`` positions, so the loss's logits are
+    never larger than a padded micro-batch's of that many tokens (first fit over the sequences
+    longest first: a bin's first sequence is its longest); each bin's indices in ascending order."""
     too_long = [n for n in lengths if n > max_tokens]
     if too_long:
         raise ValueError(
@@ -40,7 +44,8 @@ def fill_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         for k, free in enumerate(room):
-            if lengths[i] <= free:
+            longest = lengths[bins[k][0]]
+            if lengths[i] <= free and (len(bins[k]) + 1) * longest <= max_tokens:
                 bins[k].append(i)
                 room[k] -= lengths[i]
                 break
