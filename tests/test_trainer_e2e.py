@@ -441,8 +441,8 @@ def test_dynamic_sampling_with_async_rollouts_and_no_signal_at_all(demo_dir, tmp
 
 def test_token_budget_micro_batches_train_as_padded_ones(demo_dir, tmp_path):
     """``--max_tokens_per_micro_batch``: the demo's first step trains on packed micro-batches of
-    at most 512 tokens (about 6 sequences each, not the recipe's 16 padded ones) with the same
-    loss and gradient norm (dapo: the global token count) as the padded run."""
+    at most 512 tokens (instead of the recipe's padded ones of 16 completions) with the same loss
+    and gradient norm (dapo: the global token count) as the padded run."""
     steps = SHORT + ["--max_steps", "1"]
     padded = _only(run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "padded"), steps))
     budget = ["--max_tokens_per_micro_batch", "512"]
