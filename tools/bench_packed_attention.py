@@ -3,7 +3,8 @@ against packed, with each CPU attention path for packed sequences.
 
     python tools/bench_packed_attention.py --model outputs/demo/model --sequences 16
 
-The sequences look like the demo's: a prompt of 14-21 tokens and a completion of 17-32. Paths:
+Random tokens: a prompt of 14-21 tokens (the demo's are 28-46 with its chat template) and a
+completion of 17-32 (the demo's range). Paths:
 
 - ``padded``: ``[b, L]`` with a causal mask (what padded micro-batches run);
 - ``packed_padgather``: ``models/sdpa_attention.py``'s packed path (the tokens scattered into a
