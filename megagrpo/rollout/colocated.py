@@ -13,9 +13,11 @@ layout: one share, nothing to gather.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from megagrpo.data.errors import DataError
 
 
 def contiguous_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -70,15 +72,24 @@ class EngineShare:
         a, b = contiguous_bounds(len(requests), self.count)[self.index]
         return list(requests[a:b])
 
-    def agree(self, value):
-        """Global rank 0's ``value`` on every rank of the share (a decision only rank 0 can
-        make, e.g. whether a step generates another round)."""
+    def agree(self, decide: Callable[[], Any]):
+        """What ``decide()`` returns on global rank 0, on every rank of the share (a decision
+        only rank 0 can make, e.g. whether a step generates another round; the other ranks do
+        not call it). A ``DataError`` it raises (a bad row read while streaming) is raised on
+        every rank."""
         if self.group is None:
-            return value
+            return decide()
         import torch.distributed as dist
 
-        box = [value if self.is_root else None]
+        box = [None]
+        if self.is_root:
+            try:
+                box = [decide()]
+            except DataError as e:
+                box = [e]
         dist.broadcast_object_list(box, src=0, group=self.group)
+        if isinstance(box[0], DataError):
+            raise DataError(str(box[0]))
         return box[0]
 
     def gather(self, groups: list) -> list | None:
