@@ -13,11 +13,9 @@ layout: one share, nothing to gather.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from megagrpo.data.errors import DataError
 
 
 def contiguous_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -72,24 +70,15 @@ class EngineShare:
         a, b = contiguous_bounds(len(requests), self.count)[self.index]
         return list(requests[a:b])
 
-    def agree(self, decide: Callable[[], Any]):
-        """What ``decide()`` returns on global rank 0, on every rank of the share (a decision
-        only rank 0 can make, e.g. whether a step generates another round; the other ranks do
-        not call it). A ``DataError`` it raises (a bad row read while streaming) is raised on
-        every rank."""
+    def agree(self, value):
+        """Global rank 0's ``value`` on every rank of the share (a decision only rank 0 can
+        make, e.g. whether a step generates another round)."""
         if self.group is None:
-            return decide()
+            return value
         import torch.distributed as dist
 
-        box = [None]
-        if self.is_root:
-            try:
-                box = [decide()]
-            except DataError as e:
-                box = [e]
+        box = [value if self.is_root else None]
         dist.broadcast_object_list(box, src=0, group=self.group)
-        if isinstance(box[0], DataError):
-            raise DataError(str(box[0]))
         return box[0]
 
     def gather(self, groups: list) -> list | None:

@@ -117,7 +117,7 @@ class RolloutDriver:
         generating = time.perf_counter() - t0
         scored = [self._score(groups, step, 0)] if self.share.is_root else []
         rounds = 1
-        while self.share.agree(lambda: self._wants_another_round(scored, step)):
+        while self.share.agree(self._wants_another_round(scored, step)):
             t1 = time.perf_counter()
             mine = self.share.mine(self._requests(step, rounds))
             groups = self.share.gather(self.producer.generate_now(mine, self.sampling))
@@ -162,9 +162,11 @@ class RolloutDriver:
         total_n = torch.cat([r.total_n() for r in scored])
         return ~zero_std_groups(total_n, self.training.num_generations)
 
-    def _wants_another_round(self, scored: list[ScoredRound], step: int) -> bool:
-        """Rank 0's decision (the other ranks learn it through ``agree``); a round with no
-        prompt new to the step (a tiny dataset) ends the rounds early."""
+    def _wants_another_round(self, scored: list[ScoredRound], step: int) -> bool | None:
+        """Rank 0's decision (None on the other ranks, which learn it through ``agree``); a
+        round with no prompt new to the step (a tiny dataset) ends the rounds early."""
+        if not self.share.is_root:
+            return None
         return (
             self.quota is not None
             and needs_another_round(self._signal(scored), len(scored), self.quota)
