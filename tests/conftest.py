@@ -51,6 +51,27 @@ def demo_dir(tmp_path_factory):
     return str(d)
 
 
+LEARNING_PROBLEMS = 16
+"""Training problems of the learning tests' data (``demo_learning_data``)."""
+
+
+@pytest.fixture(scope="session")
+def demo_learning_data(demo_dir, tmp_path_factory):
+    """The demo's data with its first 16 training problems only (the 100 held-out ones kept), for
+    the tests that check the demo learns within 60 steps: each prompt comes back 30 times, and
+    the reward rose +0.32 and +0.34 (accuracy +0.30 and +0.30) in 60 steps on two seeds, where on
+    all 400 problems the first 60 steps moved it by +0.01 to +0.20: early GRPO on the full set is
+    the noisy phase (docs/measurements.md, the demo)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("demo-learning-data")
+    with open(os.path.join(demo_dir, "data", "train.jsonl"), encoding="utf-8") as f:
+        rows = f.readlines()[:LEARNING_PROBLEMS]
+    (d / "train.jsonl").write_text("".join(rows), encoding="utf-8")
+    shutil.copy(os.path.join(demo_dir, "data", "test.jsonl"), d / "test.jsonl")
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """``tiny_checkpoint(name, sharded=False)`` -> directory of a saved tiny HF checkpoint."""

@@ -30,7 +30,11 @@ def _jsonl(path, rows, *, raw: dict[int, str] | None = None):
 
 
 def _with(i: int, **changes) -> list[dict]:
-    rows = [dict(r) for r in ROWS]
+    return _with_rows(ROWS, i, **changes)
+
+
+def _with_rows(rows: list[dict], i: int, **changes) -> list[dict]:
+    rows = [dict(r) for r in rows]
     rows[i].update(changes)
     return rows
 
@@ -198,7 +202,8 @@ def test_streamed_prompts_are_those_of_the_loaded_dataset(tmp_path, tok):
         load_recipe(DEMO_RECIPE, ["--dataset_name", path, "--eval_strategy", "no"]), tok, dp_size=1
     )
     streamed = _load(tok, path)
-    assert streamed.total_steps == 300 and streamed.prompts_per_step == 8
+    assert streamed.total_steps == loaded.total_steps == 250  # the recipe's max_steps
+    assert streamed.prompts_per_step == 8
     for k in range(4):
         for i in streamed.sampler.rows_at(k):
             row = streamed.train[i]
@@ -368,3 +373,53 @@ def test_a_streamed_run_resumes_exactly_through_the_checkpoint(demo_dir, tmp_pat
     for a, b in zip(full[2:], resumed):
         for key in ("reward", "loss", "grad_norm", "completions/mean_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_bad_row_reached_mid_run_stops_every_rank_under_torchrun(tmp_path, tiny_checkpoint):
+    """Streamed, a bad row is met when a later step reads it, not before training: under torchrun
+    with TP=2 (rank 0 reads the data, rank 1 waits for its batch) rank 0 says it in one line and
+    every rank stops, with no traceback and no rank left waiting in a collective."""
+    import signal
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(200)]
+    path = _jsonl(tmp_path / "train.jsonl", _with_rows(rows, 60, problem=7))
+    out = tmp_path / "run"
+    args = ["--config", DEMO_RECIPE, "--model_name_or_path", tiny_checkpoint("qwen2-demo")]
+    args += ["--dataset_name", path, "--output_dir", str(out), "--max_steps", "40"]
+    args += ["--dataset_streaming", "true", "--dataset_shuffle_buffer_size", "8"]
+    args += ["--eval_strategy", "no", "--save_strategy", "no", "--log_completions", "false"]
+    args += ["--max_completion_length", "8", "--tensor_model_parallel_size", "2"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "NPROC": "2",
+    }
+    # its own session: a hang (the failure this test is about) is killed whole, ranks included
+    with subprocess.Popen(
+        [os.path.join(root, "launch", "train.sh"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    ) as p:
+        try:
+            _, stderr = p.communicate(timeout=400)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    r = subprocess.CompletedProcess(p.args, p.returncode, "", stderr)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("megagrpo train: error:")]
+    assert errors == [
+        f"megagrpo train: error: {path}: row 60 (0-based), line 61: column 'problem' holds int 7; "
+        "expected a string or a list of chat messages [{'role': ..., 'content': ...}] "
+        "(on_bad_rows: skip drops such rows)"
+    ], r.stderr[-3000:]
+    assert "DataError" not in r.stderr and "megagrpo/" not in r.stderr, r.stderr[-3000:]
+    with open(out / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f if '"reward"' in line]
+    assert steps and max(steps) < 40, steps  # trained until the step that reads the bad row

@@ -52,9 +52,13 @@ def _cli(*args, env=None):
 
 
 @pytest.fixture(scope="module")
-def demo_output(tmp_path_factory):
-    """``megagrpo demo --steps 3`` in a fresh directory: (finished process, output directory)."""
+def demo_output(demo_dir, tmp_path_factory):
+    """``megagrpo demo --steps 3`` in a fresh directory: (finished process, output directory).
+    The session's demo assets (``prepare_demo``, seed 0, as the command builds them) are copied
+    in first, so the command reuses them instead of repeating the warm start."""
     out = tmp_path_factory.mktemp("demo") / "demo"
+    for assets in ("data", "model"):
+        shutil.copytree(os.path.join(demo_dir, assets), out / assets)
     return _cli("demo", "--output-dir", str(out), "--steps", "3"), out
 
 
@@ -84,7 +88,7 @@ def test_demo_with_zero_steps_evaluates_and_exports_the_starting_policy(demo_out
     from safetensors.torch import load_file
 
     out = tmp_path / "demo"
-    for assets in ("data", "model"):  # the 3-step demo's: no second warm start
+    for assets in ("data", "model"):  # the 3-step demo's (reused: no warm start)
         shutil.copytree(demo_output[1] / assets, out / assets)
     r = _cli("demo", "--output-dir", str(out), "--steps", "0")
     assert r.returncode == 0, r.stderr[-3000:]

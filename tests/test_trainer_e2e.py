@@ -22,19 +22,18 @@ def _only(results):
     return next(r for r in results if r is not None)
 
 
-def test_demo_learns_and_writes_its_outputs(demo_dir, tmp_path):
+def test_demo_learns_and_writes_its_outputs(demo_dir, demo_learning_data, tmp_path):
     out = str(tmp_path / "run")
     steps = ["--max_steps", "60", "--save_steps", "30", "--lr_scheduler_type", "constant"]
-    run_ranks(1, demo_run_worker, demo_dir, out, steps)
+    run_ranks(1, demo_run_worker, demo_dir, out, ["--dataset_name", demo_learning_data, *steps])
     from megagrpo.monitoring.metrics_log import read_metrics
 
     s = learning_summary(read_metrics(os.path.join(out, "metrics.jsonl")))
-    # reward (accuracy + format + tag_count) rises on the tiny task: the ISSUE's CI check. Over
-    # the first 60 steps of the demo the 10-step mean reward rose 0.09 to 0.18 and the training
-    # accuracy 0.02 to 0.11 in six measured runs (3 seeds, docs/measurements.md); the held-out
-    # accuracy gains come later (steps 100-300), beyond this test's time.
-    assert s["reward_last"] > s["reward_first"] + 0.05, s
-    assert s["accuracy_last"] > s["accuracy_first"], s
+    # reward (accuracy + format + tag_count) and accuracy rise on 16 of the demo's problems: by
+    # +0.32 and +0.34 (accuracy +0.30, +0.30) in two measured 60-step runs (conftest.py,
+    # demo_learning_data); the bounds are half of that
+    assert s["reward_last"] > s["reward_first"] + 0.15, s
+    assert s["accuracy_last"] > s["accuracy_first"] + 0.1, s
     assert "eval_accuracy_before" in s and "eval_accuracy_after" in s  # step 0 and step 60
     # TRL's metric names, the time split and the sampler/trainer gap are logged
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -126,15 +125,31 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
 
 
+# micro-batches of 32: PP=2 needs two per step, DP=2 trains 32 completions per rank
+SHARDED_STEPS = SHORT + ["--max_steps", "3", "--micro_batch_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(demo_dir, tmp_path_factory):
+    """The reference the sharded runs are compared with (run once for the three layouts)."""
+    out = str(tmp_path_factory.mktemp("one") / "run")
+    return _only(run_ranks(1, demo_run_worker, demo_dir, out, SHARDED_STEPS))
+
+
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
-def test_sharded_training_matches_one_process(demo_dir, tmp_path, tp, pp, dp):
+def test_sharded_training_matches_one_process(demo_dir, one_process_run, tmp_path, tp, pp, dp):
     """Same global batch (64 completions): DP=2 trains on 32 per rank."""
-    steps = SHORT + ["--max_steps", "3"]
-    one = _only(run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "one"), steps))
+    one = one_process_run
     per_rank = ["--per_device_train_batch_size", str(64 // dp)]
     sharded = _only(
         run_ranks(
-            tp * pp * dp, demo_run_worker, demo_dir, str(tmp_path / "sh"), steps + per_rank, tp, pp
+            tp * pp * dp,
+            demo_run_worker,
+            demo_dir,
+            str(tmp_path / "sh"),
+            SHARDED_STEPS + per_rank,
+            tp,
+            pp,
         )
     )
     # the first step sees the same completions; the update is the same up to float rounding
@@ -351,7 +366,7 @@ def test_nan_gradient_skips_the_update_and_training_goes_on(demo_dir, tmp_path):
 # The reward ``_reward_fns.signal_when_divisible_by_<k>`` gives a group a spread exactly when its
 # prompt's solution is a multiple of k, so which groups train follows from the data alone and
 # ``dynamic_expected`` predicts every step without looking at what the run did. The demo's batch
-# is 8 groups of 8 completions in micro-batches of 16: a batch cut short at the bound is a
+# is 8 groups of 8 completions, here in micro-batches of 16: a batch cut short at the bound is a
 # multiple of 2 groups (padded with zero-std groups up to 2 when fewer have a spread).
 
 DYN_GROUPS, DYN_G, DYN_ROUNDS = 8, 8, 3
@@ -366,6 +381,7 @@ def _dynamic_recipe(k: int, steps: int) -> list[str]:
         "--reward_weights", "1.0",
         "--dynamic_sampling", "true",
         "--max_generation_rounds", str(DYN_ROUNDS),
+        "--micro_batch_size", "16",  # the smallest trainable batch: 2 groups
     ]  # fmt: skip
 
 

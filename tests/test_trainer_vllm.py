@@ -47,7 +47,7 @@ def test_colocated_vllm_on_one_and_two_ranks(demo_dir, tmp_path):
 
     dp2 = run_ranks(
         2, colocated_train_worker, demo_dir, str(tmp_path / "dp2"),
-        steps + ["--per_device_train_batch_size", "32"],
+        steps + ["--per_device_train_batch_size", "32", "--micro_batch_size", "32"],
     )  # fmt: skip
     # every rank owns an engine and generates half of the step's prompts
     assert [r["share"] for r in dp2] == [(0, 2, True, True), (1, 2, True, False)]
@@ -81,7 +81,7 @@ def test_dynamic_sampling_with_colocated_vllm_on_two_ranks(demo_dir, tmp_path):
 
     recipe = SHORT + [
         "--seed", str(SEED), "--max_steps", "2", "--eval_strategy", "no", "--use_vllm", "true",
-        "--per_device_train_batch_size", "32",
+        "--per_device_train_batch_size", "32", "--micro_batch_size", "16",
         "--reward_funcs", "_reward_fns:signal_when_divisible_by_3", "--reward_weights", "1.0",
         "--dynamic_sampling", "true", "--max_generation_rounds", "3",
     ]  # fmt: skip
@@ -98,16 +98,17 @@ def test_dynamic_sampling_with_colocated_vllm_on_two_ranks(demo_dir, tmp_path):
                     assert h[key] == value, key
 
 
-def test_demo_learns_with_colocated_vllm(demo_dir, tmp_path):
+def test_demo_learns_with_colocated_vllm(demo_dir, demo_learning_data, tmp_path):
     out = str(tmp_path / "run")
     steps = ["--max_steps", "60", "--lr_scheduler_type", "constant", "--eval_strategy", "no"]
+    steps += ["--dataset_name", demo_learning_data]
     result = run_ranks(1, colocated_train_worker, demo_dir, out, SHORT + CHECKED + steps)[0]
     from megagrpo.monitoring.metrics_log import read_metrics
 
     s = learning_summary(read_metrics(os.path.join(out, "metrics.jsonl")))
-    # as tests/test_trainer_e2e.py: the first 60 demo steps raise the reward by 0.09 to 0.18
-    assert s["reward_last"] > s["reward_first"] + 0.05, s
-    assert s["accuracy_last"] > s["accuracy_first"], s
+    # as tests/test_trainer_e2e.py, on 16 of the demo's problems
+    assert s["reward_last"] > s["reward_first"] + 0.15, s
+    assert s["accuracy_last"] > s["accuracy_first"] + 0.1, s
     assert max(h["sampler_logprob_gap"] for h in result["history"]) < 1e-4
     assert os.path.isfile(os.path.join(out, "final_model", "model.safetensors"))
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megagrpo.algorithms.loss_aggregation import BatchContext, TokenWeighted
+from megagrpo.data.errors import DataError
 from megagrpo.monitoring.progress import StepProgress
 from megagrpo.rollout.weight_sync import sync_weights_from_megatron
 from megagrpo.training.batch import make_micro_batches, sequence_length_multiple
@@ -59,15 +60,25 @@ def train(run) -> list[dict]:
     return history
 
 
+def _rank_step_data(run, generation: int):
+    """This rank's part of the batch (the StepData on rank 0, None on ranks without a rollout),
+    or the DataError a bad row raised while streaming, for ``broadcast_step`` to raise on every
+    rank."""
+    if run.rollout is None:
+        return None
+    try:
+        return run.rollout.step_data(generation)
+    except DataError as e:
+        return e
+
+
 def train_generation(run, generation: int, progress) -> list[dict]:
     """Generate and score one batch, then train its optimizer steps; returns their metrics."""
     t = run.recipe.training
     steps = run.generation.steps_of(generation, run.total_steps)
     timer = StepTimer(progress)
     with timer("rollout"):
-        data = broadcast_step(
-            run.rollout.step_data(generation) if run.rollout is not None else None, run.groups
-        )
+        data = broadcast_step(_rank_step_data(run, generation), run.groups)
     parts = step_micro_batches(run, data, generation)
     ctx = batch_context(
         [mb for mbs in parts for mb in mbs],

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megagrpo.algorithms.advantages import multi_objective_advantages
+from megagrpo.data.errors import DataError
 from megagrpo.rewards.scores import RewardScores
 from megagrpo.training.batch import CompletionBatch
 
@@ -198,15 +199,21 @@ def assemble_step(
     )
 
 
-def broadcast_step(data: StepData | None, groups) -> StepData:
-    """Send rank 0's StepData to every rank (texts stay on rank 0)."""
+def broadcast_step(data: StepData | DataError | None, groups) -> StepData:
+    """Send rank 0's StepData to every rank (texts stay on rank 0). A ``DataError`` in its place
+    (a bad row that rank 0 read while streaming) is raised on every rank, so that no rank waits
+    for a batch that never comes and every rank stops at the same point."""
     if groups.world_size == 1:
+        if isinstance(data, DataError):
+            raise data
         return data
-    texts = data.texts if data is not None else {}
-    payload = [None if data is None else StepData(**{**data.__dict__, "texts": {}})]
+    texts = data.texts if isinstance(data, StepData) else {}
+    payload = [StepData(**{**data.__dict__, "texts": {}}) if isinstance(data, StepData) else data]
     device = torch.cuda.current_device() if torch.cuda.is_available() else None
     dist.broadcast_object_list(payload, src=0, device=device)
     out = payload[0]
+    if isinstance(out, DataError):
+        raise DataError(str(out))
     if groups.rank == 0:
         out.texts = texts
     return out
