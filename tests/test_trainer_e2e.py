@@ -457,7 +457,7 @@ def test_dynamic_sampling_with_async_rollouts_and_no_signal_at_all(demo_dir, tmp
 
 def test_token_budget_micro_batches_train_as_padded_ones(demo_dir, tmp_path):
     """``--max_tokens_per_micro_batch``: the demo's first step trains on packed micro-batches of
-    at most 512 tokens (instead of the recipe's padded ones of 16 completions) with the same loss
+    at most 512 tokens (instead of the recipe's one padded micro-batch of 64) with the same loss
     and gradient norm (dapo: the global token count) as the padded run, on one process and over
     two data-parallel ranks (the sequences rebalanced by tokens)."""
     steps = SHORT + ["--max_steps", "1"]
@@ -466,7 +466,7 @@ def test_token_budget_micro_batches_train_as_padded_ones(demo_dir, tmp_path):
     packed = _only(
         run_ranks(1, demo_run_worker, demo_dir, str(tmp_path / "packed"), steps + budget)
     )
-    dp2 = ["--per_device_train_batch_size", "32"]
+    dp2 = ["--per_device_train_batch_size", "32", "--micro_batch_size", "32"]
     packed_dp2 = _only(
         run_ranks(2, demo_run_worker, demo_dir, str(tmp_path / "dp2"), steps + budget + dp2)
     )
