@@ -189,10 +189,10 @@ def faulty_demo_worker(demo_dir, out_dir, overrides, fault: str, at: int):
     if fault == "kill_in_update":
         original = loop.optimizer_step
 
-        def optimizer_step(run, mbs, ctx, update_index):
+        def optimizer_step(run, mbs, ctx, update_index, *args):
             if update_index + 1 == at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(run, mbs, ctx, update_index)
+            return original(run, mbs, ctx, update_index, *args)
 
         loop.optimizer_step = optimizer_step
     elif fault == "kill_in_save":

@@ -114,6 +114,7 @@ def _spied_run(tmp_path, monkeypatch, events, *, overlap, total_steps=2, num_ite
         rollout=None,
         groups=groups,
         micro_batch_size=1,
+        token_budget=None,
         tokenizer=types.SimpleNamespace(pad_token_id=0),
         device="cpu",
         needs_old_logprobs=False,

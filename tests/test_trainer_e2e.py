@@ -125,8 +125,10 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
 
 
-# micro-batches of 32: PP=2 needs two per step, DP=2 trains 32 completions per rank
+# micro-batches of 32: PP=2 needs two per step, DP=2 trains 32 completions per rank; with the
+# sampler's importance weights, which need the old log-probs (on the last pipeline stage only)
 SHARDED_STEPS = SHORT + ["--max_steps", "3", "--micro_batch_size", "32"]
+SHARDED_STEPS += ["--vllm_importance_sampling_correction", "true"]
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,8 @@ def train_generation(run, generation: int, progress) -> list[dict]:
         if run.reference is not None:
             run.reference.fill_parts(parts, run.groups, temperature=t.temperature)
         if run.importance_sampling is not None:
-            for mb in (mb for mbs in parts for mb in mbs):
+            # the old log-probs are on the last pipeline stage, where the loss is computed
+            for mb in (mb for mbs in parts for mb in mbs if mb.old_logp_bl is not None):
                 mb.is_weight_bl = run.importance_sampling.weights(
                     mb.old_logp_bl, mb.sampler_logp_bl, mb.mask_bl
                 )
