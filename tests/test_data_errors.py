@@ -4,7 +4,6 @@ expected; ``on_bad_rows: skip`` drops and counts; rank 0's error reaches every r
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _data_files import ROOT, ROWS, cli_env, with_row, write_jsonl
 from _multiproc import run_ranks
 
 from megagrpo.config import load_recipe
@@ -20,24 +20,6 @@ from megagrpo.data.sources import open_source
 from megagrpo.demo.grpo_demo import DEMO_RECIPE
 from megagrpo.demo.tokenizer import build_demo_tokenizer
 from megagrpo.training.prompt_data import load_prompt_data, share_prompt_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(20)]
-
-
-def _jsonl(path, rows, *, raw: dict[int, str] | None = None):
-    """Write ``rows`` as JSON Lines; ``raw[i]`` replaces line i+1 with text as it is."""
-    lines = [json.dumps(r) for r in rows]
-    for i, text in (raw or {}).items():
-        lines[i] = text
-    path.write_text("".join(line + "\n" for line in lines))
-    return str(path)
-
-
-def _with(i: int, **changes) -> list[dict]:
-    rows = [dict(r) for r in ROWS]
-    rows[i].update(changes)
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +51,14 @@ def _mixture(*ids, weights=None, seed=0):
 
 
 def test_jsonl_with_one_bad_line_names_file_and_line(tmp_path):
-    path = _jsonl(tmp_path / "train.jsonl", ROWS, raw={6: '{"problem": "x", oops}'})
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS, raw={6: '{"problem": "x", oops}'})
     with pytest.raises(DataError) as e:
         open_source(path)
     assert str(e.value).startswith(f"{path}: line 7: not valid JSON (")
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
-    path = _jsonl(tmp_path / "train.jsonl", ROWS, raw={2: "[1, 2]"})
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS, raw={2: "[1, 2]"})
     with pytest.raises(DataError, match=rf"^{path}: line 3: a JSON list where an object"):
         open_source(path)
 
@@ -108,7 +90,7 @@ def test_empty_and_unreadable_files(tmp_path):
     with pytest.raises(DataError, match=rf"^{empty}: the file is empty$"):
         open_source(str(empty))
     if os.geteuid() != 0:  # root reads anything
-        locked = _jsonl(tmp_path / "locked.jsonl", ROWS)
+        locked = write_jsonl(tmp_path / "locked.jsonl", ROWS)
         os.chmod(locked, 0)
         with pytest.raises(DataError, match=rf"^{locked}: cannot be read \(Permission denied\)"):
             open_source(locked)
@@ -117,8 +99,8 @@ def test_empty_and_unreadable_files(tmp_path):
 def test_directory_names_the_bad_file(tmp_path):
     d = tmp_path / "dir"
     d.mkdir()
-    _jsonl(d / "train-0.jsonl", ROWS[:10])
-    bad = _jsonl(d / "train-1.jsonl", ROWS[10:], raw={4: "{"})
+    write_jsonl(d / "train-0.jsonl", ROWS[:10])
+    bad = write_jsonl(d / "train-1.jsonl", ROWS[10:], raw={4: "{"})
     with pytest.raises(DataError, match=rf"^{bad}: line 5: not valid JSON"):
         open_source(str(d))
 
@@ -148,16 +130,16 @@ def test_dataset_name_that_does_not_exist(tmp_path, tok):
     ],
 )
 def test_bad_prompt_names_file_row_line_and_column(tmp_path, tok, row, value, expected):
-    path = _jsonl(tmp_path / "train.jsonl", _with(row, problem=value))
+    path = write_jsonl(tmp_path / "train.jsonl", with_row(row, problem=value))
     with pytest.raises(DataError) as e:
         _load(tok, path)
     assert str(e.value).startswith(f"{path}: row {row} (0-based), line {row + 1}: {expected}")
 
 
 def test_error_counts_every_bad_row(tmp_path, tok):
-    rows = _with(3, problem=1)
+    rows = with_row(3, problem=1)
     rows[9]["problem"] = 2
-    path = _jsonl(tmp_path / "train.jsonl", rows)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(
         DataError, match=r"row 3 \(0-based\).*\(2 bad rows in all; on_bad_rows: skip"
     ):
@@ -165,7 +147,7 @@ def test_error_counts_every_bad_row(tmp_path, tok):
 
 
 def test_null_solution_only_where_it_is_needed(tmp_path, tok):
-    path = _jsonl(tmp_path / "train.jsonl", _with(2, solution=None))
+    path = write_jsonl(tmp_path / "train.jsonl", with_row(2, solution=None))
     with pytest.raises(DataError) as e:
         _load(tok, path)  # the demo's rewards include accuracy
     assert str(e.value).startswith(
@@ -180,8 +162,8 @@ def test_null_solution_only_where_it_is_needed(tmp_path, tok):
     # the evaluation reads the test split's answers
     d = tmp_path / "dir"
     d.mkdir()
-    _jsonl(d / "train.jsonl", ROWS)
-    test = _jsonl(d / "test.jsonl", _with(5, solution=None)[:8])
+    write_jsonl(d / "train.jsonl", ROWS)
+    test = write_jsonl(d / "test.jsonl", with_row(5, solution=None)[:8])
     with pytest.raises(DataError, match=rf"^{test}: row 5 \(0-based\), line 6: column 'solution'"):
         _load(
             tok,
@@ -196,7 +178,7 @@ def test_null_solution_only_where_it_is_needed(tmp_path, tok):
 
 
 def test_solution_of_the_wrong_type(tmp_path, tok):
-    path = _jsonl(tmp_path / "train.jsonl", _with(8, solution=["4", "5"]))
+    path = write_jsonl(tmp_path / "train.jsonl", with_row(8, solution=["4", "5"]))
     with pytest.raises(
         DataError,
         match=rf"^{path}: row 8 \(0-based\), line 9: column 'solution' holds list \['4', '5'\]; "
@@ -208,8 +190,8 @@ def test_solution_of_the_wrong_type(tmp_path, tok):
 def test_directory_rows_are_named_in_their_file(tmp_path, tok):
     d = tmp_path / "dir"
     d.mkdir()
-    _jsonl(d / "train-0.jsonl", ROWS[:10])
-    bad = _jsonl(d / "train-1.jsonl", _with(14, problem=None)[10:])
+    write_jsonl(d / "train-0.jsonl", ROWS[:10])
+    bad = write_jsonl(d / "train-1.jsonl", with_row(14, problem=None)[10:])
     with pytest.raises(DataError, match=rf"^{bad}: row 4 \(0-based\), line 5: column 'problem'"):
         _load(tok, d)
     with pytest.raises(DataError, match=rf"^{d}: column\(s\) \['question'\] not found"):
@@ -219,8 +201,8 @@ def test_directory_rows_are_named_in_their_file(tmp_path, tok):
 def test_directory_files_with_different_column_types(tmp_path):
     d = tmp_path / "dir"
     d.mkdir()
-    first = _jsonl(d / "train-0.jsonl", ROWS[:10])
-    other = _jsonl(d / "train-1.jsonl", _with(14, problem={"text": "x"})[10:])
+    first = write_jsonl(d / "train-0.jsonl", ROWS[:10])
+    other = write_jsonl(d / "train-1.jsonl", with_row(14, problem={"text": "x"})[10:])
     with pytest.raises(
         DataError,
         match=rf"^{other}: column 'problem' holds Json\(.*\) but Value\('string'\) in {first}",
@@ -232,7 +214,7 @@ def test_parquet_and_csv_rows(tmp_path, tok):
     import datasets
 
     parquet = str(tmp_path / "train.parquet")
-    datasets.Dataset.from_list(_with(6, solution=None)).to_parquet(parquet)
+    datasets.Dataset.from_list(with_row(6, solution=None)).to_parquet(parquet)
     with pytest.raises(DataError, match=rf"^{parquet}: row 6 \(0-based\): column 'solution' is"):
         _load(tok, parquet)
     csv = tmp_path / "train.csv"  # a quoted field over two lines: row 2 starts on line 5
@@ -245,7 +227,7 @@ def test_parquet_and_csv_rows(tmp_path, tok):
 
 
 def test_missing_column_names_file_and_columns(tmp_path, tok):
-    path = _jsonl(tmp_path / "train.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     with pytest.raises(
         DataError,
         match=rf"^{path}: column\(s\) \['question'\] not found \(dataset_prompt_column\); "
@@ -262,7 +244,7 @@ def test_skip_drops_counts_and_names_the_first_rows(tmp_path, tok, capsys):
     for i in (1, 4, 7, 10):
         rows[i]["solution"] = None
     rows[12]["problem"] = 12
-    path = _jsonl(tmp_path / "train.jsonl", rows)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
     recipe = load_recipe(
         DEMO_RECIPE, ["--dataset_name", str(path), "--eval_strategy", "no", "--on_bad_rows", "skip"]
     )
@@ -286,7 +268,7 @@ def test_skip_drops_counts_and_names_the_first_rows(tmp_path, tok, capsys):
 def test_too_long_prompts_are_reported_the_same_way(tmp_path, tok):
     rows = [dict(r) for r in ROWS]
     rows[3]["problem"] = "What is " + " + ".join(["1"] * 200) + "?"
-    path = _jsonl(tmp_path / "train.jsonl", rows)
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
     data = _load(tok, path)  # long_prompts: skip (the default)
     assert data.skipped.counts == {"prompt_too_long": 1}
     assert data.skipped.first["prompt_too_long"] == [f"{path}: row 3 (0-based), line 4"]
@@ -300,7 +282,7 @@ def test_too_long_prompts_are_reported_the_same_way(tmp_path, tok):
 
 
 def test_too_few_prompts_left_says_how_many_were_dropped_and_why(tmp_path, tok):
-    path = _jsonl(tmp_path / "train.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS)
     with pytest.raises(DataError) as e:
         _load(tok, path, "--max_prompt_length", "8")
     assert str(e.value) == (
@@ -313,7 +295,7 @@ def test_too_few_prompts_left_says_how_many_were_dropped_and_why(tmp_path, tok):
     rows = [dict(r) for r in ROWS]
     for r in rows[:15]:
         r["solution"] = None
-    path = _jsonl(tmp_path / "nulls.jsonl", rows)
+    path = write_jsonl(tmp_path / "nulls.jsonl", rows)
     with pytest.raises(
         DataError,
         match=r"5 training prompt\(s\), fewer than the 8 .*; 20 were "
@@ -321,15 +303,15 @@ def test_too_few_prompts_left_says_how_many_were_dropped_and_why(tmp_path, tok):
     ):
         _load(tok, path, "--on_bad_rows", "skip")
     with pytest.raises(DataError, match="use more data or lower per_device_train_batch_size"):
-        _load(tok, _jsonl(tmp_path / "few.jsonl", ROWS[:5]))
+        _load(tok, write_jsonl(tmp_path / "few.jsonl", ROWS[:5]))
 
 
 # ---- mixtures -----------------------------------------------------------------------------------
 
 
 def test_mixture_names_the_member_file_row_and_column(tmp_path, tok):
-    good = _jsonl(tmp_path / "a.jsonl", ROWS)
-    bad = _jsonl(tmp_path / "b.jsonl", _with(13, problem={"text": "x"}))
+    good = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    bad = write_jsonl(tmp_path / "b.jsonl", with_row(13, problem={"text": "x"}))
     with pytest.raises(DataError) as e:
         _load(tok, "null", *_mixture(good, bad))
     assert str(e.value).startswith(
@@ -339,9 +321,9 @@ def test_mixture_names_the_member_file_row_and_column(tmp_path, tok):
 
 
 def test_mixture_subset_rows_are_named_in_their_file(tmp_path, tok):
-    good = _jsonl(tmp_path / "a.jsonl", ROWS)
+    good = write_jsonl(tmp_path / "a.jsonl", ROWS)
     bad_row = 7
-    bad = _jsonl(tmp_path / "b.jsonl", _with(bad_row, solution=None))
+    bad = write_jsonl(tmp_path / "b.jsonl", with_row(bad_row, solution=None))
     # a seed whose half of b.jsonl holds the bad row (the rows ds.shuffle(seed) puts first)
     seed = next(s for s in range(100) if bad_row in np.random.default_rng(s).permutation(20)[:10])
     with pytest.raises(DataError, match=rf"^{bad}: row {bad_row} \(0-based\), line 8: column"):
@@ -354,8 +336,8 @@ def test_mixture_subset_rows_are_named_in_their_file(tmp_path, tok):
 
 
 def test_mixture_members_with_different_column_types(tmp_path, tok):
-    good = _jsonl(tmp_path / "a.jsonl", ROWS)
-    ints = _jsonl(tmp_path / "b.jsonl", [{**r, "solution": 2 * i} for i, r in enumerate(ROWS)])
+    good = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    ints = write_jsonl(tmp_path / "b.jsonl", [{**r, "solution": 2 * i} for i, r in enumerate(ROWS)])
     with pytest.raises(
         DataError,
         match=r"^dataset_mixture: column 'solution' holds Value\('string'\) in datasets\[0\] "
@@ -392,7 +374,7 @@ def share_worker(argv, bug: bool):
 
 
 def test_data_error_on_rank0_stops_every_rank(tmp_path):
-    path = _jsonl(tmp_path / "train.jsonl", _with(1, problem=7))
+    path = write_jsonl(tmp_path / "train.jsonl", with_row(1, problem=7))
     argv = ["--dataset_name", path, "--eval_strategy", "no"]
     results = run_ranks(2, share_worker, argv, False, timeout=180)
     expected = f"{path}: row 1 (0-based), line 2: column 'problem' holds int 7"
@@ -407,21 +389,16 @@ def test_data_error_on_rank0_stops_every_rank(tmp_path):
     )
 
 
-def _cli_env():
-    path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
 def _cli_args(tmp_path, model_dir, dataset):
     args = ["--config", DEMO_RECIPE, "--model_name_or_path", model_dir]
     return args + ["--dataset_name", dataset, "--output_dir", str(tmp_path / "run")]
 
 
 def test_cli_prints_one_error_line_without_traceback(tmp_path, tiny_checkpoint):
-    path = _jsonl(tmp_path / "train.jsonl", ROWS, raw={6: "{not json"})
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS, raw={6: "{not json"})
     cli = [sys.executable, "-m", "megagrpo.cli", "train"]
     args = _cli_args(tmp_path, tiny_checkpoint("qwen2-demo"), path)
-    r = subprocess.run([*cli, *args], capture_output=True, text=True, env=_cli_env(), timeout=300)
+    r = subprocess.run([*cli, *args], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
@@ -435,7 +412,7 @@ def test_cli_prints_one_error_line_without_traceback(tmp_path, tiny_checkpoint):
 def test_cli_under_torchrun_rank0_says_it_once_and_every_rank_stops(tmp_path, tiny_checkpoint):
     """torchrun stops the other ranks at the first exit and prints its own summary (with the
     launcher's traceback); no rank prints a traceback of the DataError, rank 0 prints the line."""
-    path = _jsonl(tmp_path / "train.jsonl", _with(1, problem=7))
+    path = write_jsonl(tmp_path / "train.jsonl", with_row(1, problem=7))
     r = subprocess.run(
         [
             os.path.join(ROOT, "launch", "train.sh"),
@@ -443,7 +420,7 @@ def test_cli_under_torchrun_rank0_says_it_once_and_every_rank_stops(tmp_path, ti
         ],
         capture_output=True,
         text=True,
-        env={**_cli_env(), "NPROC": "2"},
+        env=cli_env(NPROC="2"),
         timeout=300,
     )
     assert r.returncode != 0

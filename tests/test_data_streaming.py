@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from _data_files import ROOT, ROWS, cli_env, with_row, write_jsonl
 
 from megagrpo.config import ConfigError, load_recipe, validate_recipe
 from megagrpo.data.errors import DataError
@@ -17,26 +18,6 @@ from megagrpo.data.stream_sources import open_member, open_members
 from megagrpo.demo.grpo_demo import DEMO_RECIPE
 from megagrpo.demo.tokenizer import build_demo_tokenizer
 from megagrpo.training.prompt_data import load_prompt_data
-
-ROWS = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(20)]
-
-
-def _jsonl(path, rows, *, raw: dict[int, str] | None = None):
-    lines = [json.dumps(r) for r in rows]
-    for i, text in (raw or {}).items():
-        lines[i] = text
-    path.write_text("".join(line + "\n" for line in lines))
-    return str(path)
-
-
-def _with(i: int, **changes) -> list[dict]:
-    return _with_rows(ROWS, i, **changes)
-
-
-def _with_rows(rows: list[dict], i: int, **changes) -> list[dict]:
-    rows = [dict(r) for r in rows]
-    rows[i].update(changes)
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +64,9 @@ def _stream(members, n=4, *, seed=3, buffer_size=6, **kw):
 
 
 def test_each_epoch_visits_every_row_once_in_a_new_seeded_order(tmp_path):
-    path = _jsonl(tmp_path / "a.jsonl", ROWS + [{"problem": "What is 20 + 20?", "solution": "40"}])
+    path = write_jsonl(
+        tmp_path / "a.jsonl", ROWS + [{"problem": "What is 20 + 20?", "solution": "40"}]
+    )
     member = open_member(path)
     stream = _stream([member])
     epochs = [[stream.rows_at(e * 5 + k) for k in range(5)] for e in range(3)]
@@ -107,9 +90,9 @@ def test_parquet_rows_and_directory_of_files(tmp_path):
     pq.write_table(table, tmp_path / "p.parquet", row_group_size=3)
     d = tmp_path / "dir"
     d.mkdir()
-    _jsonl(d / "train-0.jsonl", ROWS[:7])
-    _jsonl(d / "train-1.jsonl", ROWS[7:])
-    _jsonl(d / "test.jsonl", ROWS[:1])
+    write_jsonl(d / "train-0.jsonl", ROWS[:7])
+    write_jsonl(d / "train-1.jsonl", ROWS[7:])
+    write_jsonl(d / "test.jsonl", ROWS[:1])
     for name in (str(tmp_path / "p.parquet"), str(d)):
         member = open_member(name)
         assert len(member) == 20 and member.columns == ["problem", "solution"]
@@ -121,8 +104,8 @@ def test_parquet_rows_and_directory_of_files(tmp_path):
 
 
 def test_mixture_interleaves_members_and_keeps_the_weighted_rows(tmp_path):
-    a = _jsonl(tmp_path / "a.jsonl", ROWS)
-    b = _jsonl(tmp_path / "b.jsonl", [{**r, "problem": "B" + r["problem"]} for r in ROWS])
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    b = write_jsonl(tmp_path / "b.jsonl", [{**r, "problem": "B" + r["problem"]} for r in ROWS])
     recipe = _recipe("null", *_mixture(a, b, weights=[1.0, 0.5], seed=7))
     members = open_members(recipe.script)
     assert [len(m) for m in members] == [20, 10] and members[1].base == 20
@@ -143,8 +126,8 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_goes(tmp_path, mixt
     rows = [dict(r) for r in ROWS]
     for i in (2, 9, 15):
         rows[i]["problem"] = i  # skipped: the position depends on the rows before it
-    a = _jsonl(tmp_path / "a.jsonl", rows)
-    b = _jsonl(tmp_path / "b.jsonl", ROWS[:13])
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    b = write_jsonl(tmp_path / "b.jsonl", ROWS[:13])
 
     def members():
         return [open_member(a), open_member(b, weight=0.7, seed=1)] if mixture else [open_member(a)]
@@ -167,11 +150,11 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_goes(tmp_path, mixt
 
 
 def test_resume_refuses_a_position_of_another_order(tmp_path):
-    path = _jsonl(tmp_path / "a.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
     state = _stream([open_member(path)]).state_before(2)
     with pytest.raises(ValueError, match="buffer_size=6, this run has buffer_size=5.*silently"):
         _stream([open_member(path)], buffer_size=5).load_state_dict(state)
-    shorter = _jsonl(tmp_path / "b.jsonl", ROWS[:19])
+    shorter = write_jsonl(tmp_path / "b.jsonl", ROWS[:19])
     with pytest.raises(ValueError, match=r"rows=\[20\], this run has rows=\[19\]"):
         _stream([open_member(shorter)]).load_state_dict(state)
     with pytest.raises(ValueError, match="no streaming data position"):
@@ -179,7 +162,7 @@ def test_resume_refuses_a_position_of_another_order(tmp_path):
 
 
 def test_prompt_data_saves_and_resumes_the_position(tmp_path, tok):
-    path = _jsonl(tmp_path / "a.jsonl", _with(5, solution=None))
+    path = write_jsonl(tmp_path / "a.jsonl", with_row(5, solution=None))
     args = ("--on_bad_rows", "skip", "--dataset_shuffle_buffer_size", "8")
     whole = _load(tok, path, *args)
     expected = [whole.sampler.rows_at(k) for k in range(6)]
@@ -197,7 +180,7 @@ def test_prompt_data_saves_and_resumes_the_position(tmp_path, tok):
 
 
 def test_streamed_prompts_are_those_of_the_loaded_dataset(tmp_path, tok):
-    path = _jsonl(tmp_path / "a.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
     loaded = load_prompt_data(
         load_recipe(DEMO_RECIPE, ["--dataset_name", path, "--eval_strategy", "no"]), tok, dp_size=1
     )
@@ -215,7 +198,7 @@ def test_streamed_prompts_are_those_of_the_loaded_dataset(tmp_path, tok):
 
 
 def test_a_bad_row_names_file_row_line_and_column(tmp_path, tok):
-    path = _jsonl(tmp_path / "a.jsonl", _with(13, problem={"text": "x"}))
+    path = write_jsonl(tmp_path / "a.jsonl", with_row(13, problem={"text": "x"}))
     with pytest.raises(DataError) as e:  # when the row is read: the first step, or later
         data = _load(tok, path)
         for k in range(3):  # two steps an epoch: the third reads the rest of the first
@@ -225,7 +208,7 @@ def test_a_bad_row_names_file_row_line_and_column(tmp_path, tok):
         "expected a string or a list of chat messages [{'role': ..., 'content': ...}] "
         "(on_bad_rows: skip drops such rows)"
     )
-    bad_json = _jsonl(tmp_path / "b.jsonl", ROWS, raw={6: '{"problem": "x", '})
+    bad_json = write_jsonl(tmp_path / "b.jsonl", ROWS, raw={6: '{"problem": "x", '})
     with pytest.raises(DataError, match=rf"^{bad_json}: line 7: not valid JSON \(Expecting"):
         data = _load(tok, bad_json)
         for k in range(3):
@@ -233,8 +216,8 @@ def test_a_bad_row_names_file_row_line_and_column(tmp_path, tok):
 
 
 def test_mixture_member_with_a_bad_row(tmp_path, tok):
-    good = _jsonl(tmp_path / "a.jsonl", ROWS)
-    bad = _jsonl(tmp_path / "b.jsonl", _with(7, solution=None))
+    good = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    bad = write_jsonl(tmp_path / "b.jsonl", with_row(7, solution=None))
     # a seed whose half of b.jsonl holds the bad row (the rows ds.shuffle(seed) puts first)
     seed = next(s for s in range(100) if 7 in np.random.default_rng(s).permutation(20)[:10])
     mix = _mixture(good, bad, weights=[1.0, 0.5], seed=seed)
@@ -259,7 +242,7 @@ def test_skip_counts_each_row_once_as_without_streaming(tmp_path, tok, capsys):
         rows[i]["solution"] = None
     rows[12]["problem"] = 12
     rows[3]["problem"] = "What is " + " + ".join(["1"] * 200) + "?"
-    path = _jsonl(tmp_path / "a.jsonl", rows)
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
     loaded = load_prompt_data(
         load_recipe(
             DEMO_RECIPE,
@@ -283,7 +266,7 @@ def test_skip_counts_each_row_once_as_without_streaming(tmp_path, tok, capsys):
 
 
 def test_too_few_prompts_and_long_prompt_errors(tmp_path, tok):
-    path = _jsonl(tmp_path / "a.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
     with pytest.raises(DataError) as e:
         _load(tok, path, "--max_prompt_length", "8")
     assert str(e.value).endswith(
@@ -301,8 +284,8 @@ def test_too_few_prompts_and_long_prompt_errors(tmp_path, tok):
 def test_streamed_test_split_in_file_order(tmp_path, tok):
     d = tmp_path / "d"
     d.mkdir()
-    _jsonl(d / "train.jsonl", ROWS)
-    _jsonl(d / "test.jsonl", _with(0, solution=None)[:6])
+    write_jsonl(d / "train.jsonl", ROWS)
+    write_jsonl(d / "test.jsonl", with_row(0, solution=None)[:6])
     recipe = load_recipe(
         DEMO_RECIPE,
         ["--dataset_name", str(d), "--dataset_streaming", "true", "--on_bad_rows", "skip"]
@@ -317,7 +300,7 @@ def test_streamed_test_split_in_file_order(tmp_path, tok):
 
 
 def test_settings_streaming_cannot_honour_are_refused(tmp_path, tok):
-    path = _jsonl(tmp_path / "a.jsonl", ROWS)
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
     with pytest.raises(ConfigError) as e:
         validate_recipe(
             _recipe(
@@ -382,28 +365,21 @@ def test_a_bad_row_reached_mid_run_stops_every_rank_under_torchrun(tmp_path, tin
     import signal
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(200)]
-    path = _jsonl(tmp_path / "train.jsonl", _with_rows(rows, 60, problem=7))
+    path = write_jsonl(tmp_path / "train.jsonl", with_row(60, rows, problem=7))
     out = tmp_path / "run"
     args = ["--config", DEMO_RECIPE, "--model_name_or_path", tiny_checkpoint("qwen2-demo")]
     args += ["--dataset_name", path, "--output_dir", str(out), "--max_steps", "40"]
     args += ["--dataset_streaming", "true", "--dataset_shuffle_buffer_size", "8"]
     args += ["--eval_strategy", "no", "--save_strategy", "no", "--log_completions", "false"]
     args += ["--max_completion_length", "8", "--tensor_model_parallel_size", "2"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "NPROC": "2",
-    }
     # its own session: a hang (the failure this test is about) is killed whole, ranks included
     with subprocess.Popen(
-        [os.path.join(root, "launch", "train.sh"), *args],
+        [os.path.join(ROOT, "launch", "train.sh"), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=cli_env(NPROC="2"),
         start_new_session=True,
     ) as p:
         try:
