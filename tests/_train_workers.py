@@ -19,8 +19,10 @@ from megagrpo.training.optimizer import (
 )
 
 
-def _setup(hf_dir, tp, pp):
-    par = MegatronConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+def _setup(hf_dir, tp, pp, cp=1):
+    par = MegatronConfig(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+    )
     groups = init_distributed(par, seed=11)
     arch = load_arch(hf_dir)
     chunks = build_model(arch, par, pg_collection=groups.pg_collection)
@@ -154,7 +156,12 @@ def _update(groups, chunks, ddp, batch, loss_type_name, spec, need_old, entropy_
                     else None
                 )
                 grads[name if layer is None else f"{layer}:{name.split('.', 3)[3]}"] = g
-    return {"metrics": metrics, "grads": grads, "pp_rank": groups.pp_rank}
+    return {
+        "metrics": metrics,
+        "grads": grads,
+        "pp_rank": groups.pp_rank,
+        "cp_rank": groups.cp_rank,
+    }
 
 
 # The tests' short runs of the demo recipe train from their first step: the recipe's 10% warmup
@@ -442,7 +449,7 @@ def packed_updates_worker(hf_dir, tp, pp, batch, cases, max_tokens):
     ]
 
 
-def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout):
+def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout, length_multiple=1):
     from dataclasses import replace
 
     from megagrpo.algorithms.loss_aggregation import TokenWeighted, get_loss_type
@@ -457,7 +464,9 @@ def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout):
     shares = [_select(batch, list(range(r * per_rank, (r + 1) * per_rank))) for r in range(dp)]
     loss_type = get_loss_type(loss_type_name)
     if layout == "padded":
-        mbs = make_micro_batches(shares[groups.dp_rank], 2, pad_token_id=0)
+        mbs = make_micro_batches(
+            shares[groups.dp_rank], 2, pad_token_id=0, length_multiple=length_multiple
+        )
         offset = groups.dp_rank * per_rank  # local index -> index in ``batch``
         ctx = batch_context(mbs, groups, torch.device("cpu"), max_completion_length=8)
     else:
@@ -474,6 +483,8 @@ def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout):
             generation=0,
             max_completion_length=8,
             pad_token_id=0,
+            length_multiple=length_multiple,
+            sequence_multiple=2 * groups.cp_size if groups.cp_size > 1 else 1,
         )
         offset = 0  # the pool's index is the index in ``batch``
         ctx = batch_context(mbs, groups, torch.device("cpu"), max_completion_length=8)
@@ -511,4 +522,30 @@ def _grads_of_update(groups, chunks, ddp, mbs, spec, loss_type, ctx, entropy_coe
         for k, c in enumerate(chunks)
         for name, p in c.named_parameters()
     }
-    return {"metrics": metrics, "grads": grads, "pp_rank": groups.pp_rank}
+    return {
+        "metrics": metrics,
+        "grads": grads,
+        "pp_rank": groups.pp_rank,
+        "cp_rank": groups.cp_rank,
+    }
+
+
+def context_parallel_updates_worker(hf_dir, tp, pp, cp, batch, cases, max_tokens):
+    """``packed_updates_worker`` with a context-parallel group of ``cp`` ranks (padded
+    micro-batches of a length that splits into 2 x CP chunks; packed sequences each padded to a
+    multiple of 2 x CP). Returns per case the padded and packed layouts' results."""
+    from megagrpo.training.batch import sequence_length_multiple
+
+    _, groups, chunks, ddp, _ = _setup(hf_dir, tp, pp, cp)
+    multiple = sequence_length_multiple(
+        fp8=False, sequence_parallel=False, tp_size=tp, cp_size=groups.cp_size
+    )
+    return [
+        {
+            layout: _layout_update(
+                groups, chunks, ddp, batch, case, max_tokens, layout, length_multiple=multiple
+            )
+            for layout in ("padded", "packed")
+        }
+        for case in cases
+    ]

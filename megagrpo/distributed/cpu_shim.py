@@ -7,7 +7,8 @@ CI) this module redirects exactly those assumptions to the CPU:
 
 - a ``TorchFunctionMode`` that rewrites ``device="cuda"`` (also ``cuda:N``, bare integers and
   ``torch.device("cuda")``) to ``"cpu"`` in tensor factories, and makes ``Tensor.cuda()`` and
-  ``Tensor.to("cuda")`` stay on the CPU;
+  ``Tensor.to("cuda")`` stay on the CPU; pinned memory (``pin_memory=True`` in factories, as
+  megatron's context-parallel RoPE asks, and ``Tensor.pin_memory()``) is plain CPU memory;
 - ``torch.cuda.current_device`` / ``synchronize`` / ``get_rng_state`` / ``set_rng_state`` /
   ``manual_seed`` / ``empty_cache`` and megatron's ``_get_cuda_rng_state`` /
   ``_set_cuda_rng_state`` replaced by their CPU meanings;
@@ -88,6 +89,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # no pinned allocator without an accelerator
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and args:  # t.to("cuda") / t.to(0); new_*'s ints are sizes
             args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
         if func is torch.Tensor.pin_memory:

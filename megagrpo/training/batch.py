@@ -19,6 +19,7 @@ token's weight in the step's objective (``token_budget.py``); None for padded mi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -96,8 +97,14 @@ class PackedSequences:
     """Sequences back to back for the model: megatron's ``PackedSeqParams`` (THD) layout."""
 
     input_ids_1t: torch.Tensor
+    targets_1t: torch.Tensor
+    """long [1, t]: the token each packed position predicts (the next one of its sequence; 0 at
+    a sequence's last position and in padding). Context parallelism gathers log-probs from the
+    packed layout; otherwise the targets come from ``targets_bl`` after ``unpack``."""
     cu_seqlens: torch.Tensor
-    """int32 [S + 1]: where each sequence starts (padding up to a fixed size: more sequences)."""
+    """int32 [S + 1]: where each sequence starts (padding up to a fixed size: more sequences;
+    under context parallelism each sequence is padded to a multiple of 2 x CP, its padding
+    part of it)."""
     max_seqlen: int
     unpack_bl: torch.Tensor
     """long [b, L]: the packed position of each position of the micro-batch's padded layout
@@ -130,11 +137,19 @@ b x L / TP under sequence parallelism) is divisible by 8 (``assert_dim_for_fp8_e
 covers the MXFP8 / blockwise recipes' stricter alignment."""
 
 
-def sequence_length_multiple(*, fp8: bool, sequence_parallel: bool, tp_size: int) -> int:
-    """What every micro-batch's padded length L must be a multiple of: 16 with FP8, times TP under
-    sequence parallelism (each TP rank holds L / TP positions of the activations)."""
+def sequence_length_multiple(
+    *, fp8: bool, sequence_parallel: bool, tp_size: int, cp_size: int = 1
+) -> int:
+    """What every micro-batch's padded length L (a packed micro-batch's token count) must be a
+    multiple of: this rank's L / CP positions a multiple of 16 with FP8 and of TP under sequence
+    parallelism (each TP rank holds L / CP / TP positions of the activations), and L a multiple
+    of 2 x CP (context parallelism's chunks, ``distributed/context_parallel.py``)."""
     multiple = FP8_LENGTH_MULTIPLE if fp8 else 1
-    return multiple * tp_size if sequence_parallel else multiple
+    if sequence_parallel:
+        multiple *= tp_size
+    if cp_size > 1:
+        multiple = cp_size * math.lcm(multiple, 2)
+    return multiple
 
 
 def padded_length(batch: CompletionBatch, multiple: int = 1) -> int:

@@ -7,6 +7,11 @@ interleaved 1F1B), and returns what the loss function produced for each micro-ba
 stage (an empty list elsewhere). The loss function receives the micro-batch and this rank's
 vocab-parallel logits ``[b, L, V/TP]``; a packed micro-batch (``packing.py``) runs ``[1, t]``
 tokens with its ``PackedSeqParams`` and its logits are gathered into that layout first.
+
+Under context parallelism (``cp``) the model runs this CP rank's positions only
+(``context_parallel_batch.model_input``) and the loss function receives this rank's logits as
+they come out ([b, L / C, V / TP], packed [1, t / C, V / TP]); it gathers the whole sequences'
+log-probs itself (``context_parallel_batch.cp_logprobs``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from contextlib import nullcontext
 
 import torch
 
+from megagrpo.training.context_parallel_batch import model_input
+
 
 def forward_backward(
     chunks,
@@ -23,8 +30,10 @@ def forward_backward(
     loss_fn: Callable,
     *,
     forward_only: bool,
+    cp=None,
 ) -> list[dict]:
-    """``loss_fn(mb, logits) -> (loss, metrics dict)``; returns the metrics dicts in order."""
+    """``loss_fn(mb, logits) -> (loss, metrics dict)``; returns the metrics dicts in order.
+    ``cp``: the ``ContextParallel`` group, or None."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
@@ -32,18 +41,17 @@ def forward_backward(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        if mb.packed is None:
-            output = model(mb.input_ids_bl, None, attention_mask=None)
+        ids, params = model_input(mb, cp)
+        if params is None:
+            output = model(ids, None, attention_mask=None)
+        else:
+            output = model(ids, None, attention_mask=None, packed_seq_params=params)
+        if mb.packed is None or cp is not None:
             return output, lambda logits: loss_fn(mb, logits)
-        packed = mb.packed
-        output = model(
-            packed.input_ids_1t, None, attention_mask=None, packed_seq_params=packed.params()
-        )
-        return output, lambda logits: loss_fn(mb, packed.unpack(logits))
+        return output, lambda logits: loss_fn(mb, mb.packed.unpack(logits))
 
     iterators = [iter(micro_batches) for _ in chunks]  # one per model chunk (interleaved 1F1B)
-    first = micro_batches[0]
-    shape = (first.packed.input_ids_1t if first.packed is not None else first.input_ids_bl).shape
+    shape = model_input(micro_batches[0], cp)[0].shape
     context = torch.no_grad() if forward_only else nullcontext()
     with context:
         return get_forward_backward_func()(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from megagrpo.distributed.context_parallel import ContextParallel
+from megagrpo.training.context_parallel_batch import cp_logprobs
 from megagrpo.training.forward_backward import forward_backward
 
 
@@ -18,16 +20,20 @@ def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: s
     from megagrpo_kernels import logprobs
 
     tp_group = groups.tp if groups.tp_size > 1 else None
+    cp = ContextParallel.of(groups)
     was_training = [c.training for c in chunks]
     for c in chunks:
         c.eval()
 
     def loss_fn(mb, logits):
-        logp_bl = logprobs(logits, mb.targets_bl, temperature, tp_group)
+        if cp is None:
+            logp_bl = logprobs(logits, mb.targets_bl, temperature, tp_group)
+        else:
+            logp_bl, _ = cp_logprobs(logits, mb, cp, temperature=temperature, tp_group=tp_group)
         return torch.zeros((), device=logits.device), {"logp": logp_bl.detach()}
 
     try:
-        outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=True)
+        outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=True, cp=cp)
     finally:
         for c, mode in zip(chunks, was_training):
             c.train(mode)

@@ -130,6 +130,7 @@ def step_micro_batches(run, data, generation: int) -> list[list]:
         fp8=run.recipe.megatron.fp8 is not None,
         sequence_parallel=run.recipe.megatron.sequence_parallel,
         tp_size=run.groups.tp_size,
+        cp_size=run.groups.cp_size,
     )
     if run.token_budget is not None:
         g = run.groups
@@ -146,6 +147,7 @@ def step_micro_batches(run, data, generation: int) -> list[list]:
             pad_token_id=run.tokenizer.pad_token_id or 0,
             mask_truncated_completions=t.mask_truncated_completions,
             length_multiple=length_multiple,
+            sequence_multiple=2 * g.cp_size if g.cp_size > 1 else 1,
         )
         return [[mb.to(run.device) for mb in mbs] for mbs in parts]
     share = local_batch(data, run.groups, t.num_generations)

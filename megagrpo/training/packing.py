@@ -11,6 +11,10 @@ loss, its per-sequence reductions and the log-prob pass are the padded path's. T
 kept within the budget as well (``fill_budget``): a pack of one long and many short sequences
 would otherwise gather logits far larger than the pack (sequences x longest x vocabulary).
 
+Under context parallelism every sequence is padded to a multiple of 2 x CP (``sequence_multiple``;
+the padding trails it inside its ``cu_seqlens`` span, masked out of the loss), so each CP rank
+holds its two chunks of every sequence (``distributed/context_parallel.py``).
+
 Pipeline stages exchange tensors of one shape, so under PP every packed micro-batch is padded to
 the token budget (``total``): the padding forms extra sequences (no longer than the micro-batch's
 longest, so attention over them costs no more than over real ones) whose mask is 0.
@@ -23,9 +27,12 @@ import torch
 from megagrpo.training.batch import CompletionBatch, MicroBatch, PackedSequences, padded_micro_batch
 
 
-def sequence_lengths(batch: CompletionBatch) -> list[int]:
-    """Prompt + completion tokens of each sequence."""
-    return [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+def sequence_lengths(batch: CompletionBatch, multiple: int = 1) -> list[int]:
+    """Prompt + completion tokens of each sequence, rounded up to a multiple of ``multiple``."""
+    return [
+        -(-(len(p) + len(c)) // multiple) * multiple
+        for p, c in zip(batch.prompt_ids, batch.completion_ids)
+    ]
 
 
 def fill_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -63,12 +70,15 @@ def packed_micro_batch(
     mask_truncated_completions: bool = False,
     length_multiple: int = 1,
     total: int | None = None,
+    sequence_multiple: int = 1,
 ) -> MicroBatch:
-    """The sequences ``idx`` of ``batch`` packed; the pack is padded to ``total`` tokens when
-    given (pipeline parallelism), else to a multiple of ``length_multiple``."""
+    """The sequences ``idx`` of ``batch`` packed, each padded to a multiple of
+    ``sequence_multiple`` (2 x CP); the pack is padded to ``total`` tokens when given (pipeline
+    parallelism), else to a multiple of ``length_multiple``."""
     lengths = sequence_lengths(batch)
     lengths_b = [lengths[i] for i in idx]
-    used = sum(lengths_b)
+    spans_b = [-(-n // sequence_multiple) * sequence_multiple for n in lengths_b]
+    used = sum(spans_b)
     size = total if total is not None else used
     size = -(-size // length_multiple) * length_multiple
     if used > size:
@@ -80,19 +90,22 @@ def packed_micro_batch(
         pad_token_id=pad_token_id,
         mask_truncated_completions=mask_truncated_completions,
     )
-    longest = max(lengths_b)
+    longest = max(spans_b)
     pads = [longest] * ((size - used) // longest) + [(size - used) % longest]
-    seqlens = lengths_b + [n for n in pads if n > 0]
+    seqlens = spans_b + [n for n in pads if n > 0]
     cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(seqlens).cumsum(0)
     starts_b = cu_seqlens[: len(idx)].long()
-    pos_l = torch.arange(longest)
+    pos_l = torch.arange(max(lengths_b))
     valid_bl = pos_l[None, :] < torch.tensor(lengths_b)[:, None]
     unpack_bl = torch.where(valid_bl, starts_b[:, None] + pos_l[None, :], 0)
     ids_t = torch.full((size,), pad_token_id, dtype=torch.long)
     ids_t[unpack_bl[valid_bl]] = mb.input_ids_bl[valid_bl]
+    targets_t = torch.zeros(size, dtype=torch.long)
+    targets_t[unpack_bl[valid_bl]] = mb.targets_bl[valid_bl]
     mb.packed = PackedSequences(
         input_ids_1t=ids_t[None, :],
+        targets_1t=targets_t[None, :],
         cu_seqlens=cu_seqlens,
         max_seqlen=max(seqlens),
         unpack_bl=unpack_bl,

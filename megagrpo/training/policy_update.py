@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from megagrpo.algorithms.entropy_bonus import EntropyBonus
 from megagrpo.algorithms.loss_aggregation import BatchContext, LossType
+from megagrpo.distributed.context_parallel import ContextParallel
+from megagrpo.training.context_parallel_batch import cp_logprobs
 from megagrpo.training.forward_backward import forward_backward
 
 # Token-weighted sums collected per micro-batch, in this order.
@@ -49,25 +51,37 @@ def grpo_update(
     """Forward and backward of every micro-batch with the loss ``spec``
     (``megagrpo_kernels.GRPOLossSpec``) and an entropy bonus of ``entropy_coef``; returns
     per-micro-batch metric sums [K]."""
-    from megagrpo_kernels import logprob_grpo_loss
+    from megagrpo_kernels import grpo_loss, logprob_grpo_loss
 
     tp_group = groups.tp if groups.tp_size > 1 else None
+    cp = ContextParallel.of(groups)
+    entropy_grad = entropy_coef != 0.0
 
     def loss_fn(mb, logits):
-        out = logprob_grpo_loss(
-            logits,
-            mb.targets_bl,
-            mb.old_logp_bl,
-            mb.ref_logp_bl,
-            mb.advantages_b,
-            mb.mask_bl,
-            spec=spec,
+        loss_inputs = dict(
+            old_logp=mb.old_logp_bl,
+            ref_logp=mb.ref_logp_bl,
+            advantages=mb.advantages_b,
+            mask=mb.mask_bl,
             is_weight=mb.is_weight_bl,
             sampler_logp=mb.sampler_logp_bl,
-            tp_group=tp_group,
-            return_entropy=True,
-            entropy_grad=entropy_coef != 0.0,
         )
+        if cp is None:
+            out = logprob_grpo_loss(
+                logits,
+                mb.targets_bl,
+                spec=spec,
+                tp_group=tp_group,
+                return_entropy=True,
+                entropy_grad=entropy_grad,
+                **loss_inputs,
+            )
+        else:  # the whole sequences' log-probs: the loss is the unsplit one on every CP rank
+            logp, entropy = cp_logprobs(
+                logits, mb, cp, temperature=spec.temperature, tp_group=tp_group, with_entropy=True
+            )
+            out = grpo_loss(logp, spec=spec, entropy=entropy, **loss_inputs)
+            out.logp, out.entropy = logp.detach(), (entropy if entropy_grad else entropy.detach())
         value, bonus = micro_batch_loss(
             out,
             mb.mask_bl,
@@ -79,7 +93,7 @@ def grpo_update(
         )
         return value, {"sums": _metric_sums(mb, out, loss_type, ctx, bonus)}
 
-    outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=False)
+    outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=False, cp=cp)
     return [o["sums"] for o in outputs]
 
 

@@ -69,9 +69,12 @@ def token_budget_micro_batches(
     pad_token_id: int,
     mask_truncated_completions: bool = False,
     length_multiple: int = 1,
+    sequence_multiple: int = 1,
 ) -> list[list[MicroBatch]]:
     """Data-parallel rank ``dp_rank``'s micro-batches of each optimizer-step batch. ``shares``:
-    every DP rank's share of the generation batch, in rank order."""
+    every DP rank's share of the generation batch, in rank order. ``sequence_multiple``: each
+    sequence's packed span (2 x CP under context parallelism), which the balance and the budget
+    count."""
     dp_size = len(shares)
     splits = [
         split_generation(share, parts, seed=seed, generation=generation, dp_rank=r)
@@ -100,17 +103,18 @@ def token_budget_micro_batches(
         )
         pool = _concat([splits[r][p] for r in range(dp_size)])
         lengths = sequence_lengths(pool)
+        spans = sequence_lengths(pool, sequence_multiple)
         loss_w, entropy_w = [], []  # per sequence of the pool, over its own positions
         for r in range(dp_size):
             for mb in reference[r][p]:
                 loss_w += list(loss_type.token_weights(mb.mask_bl, ctx).float().unbind(0))
                 entropy_w += list(TokenMean().token_weights(mb.mask_bl, ctx).float().unbind(0))
-        mine = balance_by_tokens(lengths, dp_size)[dp_rank]
+        mine = balance_by_tokens(spans, dp_size)[dp_rank]
         if not mine:
             raise ValueError(
                 f"{len(lengths)} sequences leave data-parallel rank {dp_rank} without any"
             )
-        bins = fill_budget([lengths[i] for i in mine], budget.max_tokens)
+        bins = fill_budget([spans[i] for i in mine], budget.max_tokens)
         mbs = []
         for b in bins:
             idx = [mine[k] for k in b]
@@ -121,6 +125,7 @@ def token_budget_micro_batches(
                 mask_truncated_completions=mask_truncated_completions,
                 length_multiple=length_multiple,
                 total=budget.max_tokens if budget.pad_to_budget else None,
+                sequence_multiple=sequence_multiple,
             )
             width = mb.mask_bl.shape[1]
             mb.loss_weight_bl = torch.stack([_fit(loss_w[i], lengths[i], width) for i in idx])
