@@ -128,7 +128,7 @@ def _loss_worker(cases):
     for loss_type_name, spec, *_ in cases:
         loss_type = get_loss_type(loss_type_name)
 
-        def loss_of(logp):
+        def loss_of(logp, spec=spec, loss_type=loss_type):
             o = grpo_loss(logp, old_bl, None, mb.advantages_b, mb.mask_bl, spec=spec)
             return loss_type.loss(o.loss, mb.mask_bl, ctx)
 
