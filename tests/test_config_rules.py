@@ -273,8 +273,17 @@ def test_base_recipe_is_valid():
         (["--fp8", "e4m3"], ["fp8='e4m3' needs Transformer Engine"]),
         (["--fp8", "hybrid", "--fp8_recipe", "delayed"], ["fp8='hybrid' needs Transformer Engine"]),
         (
-            ["--context_parallel_size", "2"],
-            ["context_parallel_size=2: context parallelism is not implemented yet"],
+            [
+                "--context_parallel_size",
+                "4",
+                "--max_prompt_length",
+                "30",
+                "--max_completion_length",
+                "20",
+                "--max_tokens_per_micro_batch",
+                "50",
+            ],
+            ["max_completion_length=20, rounded up to a multiple of 2 x context_parallel_size=4"],
         ),
         (
             ["--transformer_impl", "transformer_engine"],
@@ -312,16 +321,17 @@ def test_fp8_passes_where_transformer_engine_is_importable(with_transformer_engi
         validate_recipe(recipe("--fp8_recipe", "mxfp8"))
 
 
-def test_context_parallel_is_refused_until_implemented(with_transformer_engine):
-    with pytest.raises(ConfigError) as info:
-        validate_recipe(
-            recipe("--context_parallel_size", "2", "--transformer_impl", "transformer_engine")
-        )
-    assert info.value.errors == [
-        "context_parallel_size=2: context parallelism is not implemented yet in megagrpo "
-        "(nothing splits the sequences over the CP ranks, so the log-probs would be wrong); set "
-        "context_parallel_size: 1"
-    ]
+def test_context_parallel_passes_with_either_attention(with_transformer_engine):
+    # Transformer Engine's ring attention on GPU; the local spec's all-gathered keys and values
+    validate_recipe(recipe("--context_parallel_size", "2", "--transformer_impl", "local"))
+    validate_recipe(
+        recipe("--context_parallel_size", "2", "--transformer_impl", "transformer_engine")
+    )
+    # the packed span of a 50-token sequence under CP=4 is 56 tokens
+    budget = ["--max_prompt_length", "30", "--max_completion_length", "20"]
+    validate_recipe(
+        recipe("--context_parallel_size", "4", *budget, "--max_tokens_per_micro_batch", "56")
+    )
 
 
 def test_fp8_param_gather_needs_the_distributed_optimizer(with_transformer_engine):

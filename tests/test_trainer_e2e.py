@@ -161,6 +161,26 @@ def test_sharded_training_matches_one_process(demo_dir, one_process_run, tmp_pat
     assert len(sharded) == 3
 
 
+def test_context_parallel_training_matches_one_process(demo_dir, one_process_run, tmp_path):
+    """CP=2: each rank runs half of every sequence (megatron's load-balanced chunks); the first
+    step's loss and gradient norm are one process's, and the run trains on."""
+    one = one_process_run
+    cp = _only(
+        run_ranks(
+            2,
+            demo_run_worker,
+            demo_dir,
+            str(tmp_path / "cp"),
+            SHARDED_STEPS + ["--context_parallel_size", "2"],
+        )
+    )
+    assert cp[0]["reward"] == one[0]["reward"]
+    assert cp[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-6)
+    assert cp[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
+    assert cp[0]["num_tokens"] == one[0]["num_tokens"]
+    assert len(cp) == 3
+
+
 def test_async_reference_model_and_iterations(demo_dir, tmp_path):
     """One batch ahead (staleness 1), a KL-regularised loss against the reference model, two
     updates per batch (each an optimizer step, as TRL counts them: 8 steps are 4 batches),

@@ -325,12 +325,6 @@ def _check_megatron(recipe: Recipe, errors: list[str]) -> None:
     if mc.world_size is not None:
         _at_least(errors, "world_size", mc.world_size, 1)
     check_sequence_parallel(mc.sequence_parallel, mc.tensor_model_parallel_size, errors)
-    if mc.context_parallel_size > 1:
-        errors.append(
-            f"context_parallel_size={mc.context_parallel_size}: context parallelism is not "
-            "implemented yet in megagrpo (nothing splits the sequences over the CP ranks, so "
-            "the log-probs would be wrong); set context_parallel_size: 1"
-        )
     vpp = mc.virtual_pipeline_model_parallel_size
     if vpp is not None:
         _at_least(errors, "virtual_pipeline_model_parallel_size", vpp, 1)
@@ -366,12 +360,21 @@ def _check_token_budget(recipe: Recipe, errors: list[str]) -> None:
     if budget < 1:
         errors.append(f"max_tokens_per_micro_batch={budget} must be >= 1 (or null: padded)")
         return
-    if t.max_prompt_length is not None and budget < t.max_prompt_length + t.max_completion_length:
-        errors.append(
-            f"max_tokens_per_micro_batch={budget} must be >= max_prompt_length="
-            f"{t.max_prompt_length} + max_completion_length={t.max_completion_length}: a "
-            "micro-batch holds whole sequences"
-        )
+    if t.max_prompt_length is not None:
+        longest = t.max_prompt_length + t.max_completion_length
+        cp = mc.context_parallel_size
+        span = -(-longest // (2 * cp)) * 2 * cp if cp > 1 else longest
+        if budget < span:
+            cp_note = (
+                f", rounded up to a multiple of 2 x context_parallel_size={cp}: {span}"
+                if span != longest
+                else ""
+            )
+            errors.append(
+                f"max_tokens_per_micro_batch={budget} must be >= max_prompt_length="
+                f"{t.max_prompt_length} + max_completion_length={t.max_completion_length}"
+                f"{cp_note}: a micro-batch holds whole sequences"
+            )
     if t.top_entropy_quantile < 1.0:
         errors.append(
             f"max_tokens_per_micro_batch={budget} with top_entropy_quantile="

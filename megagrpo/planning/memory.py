@@ -115,7 +115,7 @@ def layer_activation_elements(
         "norm_inputs": 2 * hidden,
         "linear_inputs": 2 * hidden,
         "qkv": s * b * ((a * d + 2 * g * d) if flash else 3 * a * d) // tp,
-        "softmax": 0 if flash else a * s * s * b // tp,
+        "softmax": 0 if flash else a * s * s * b // tp,  # under CP: s / CP x s, not modelled
         "proj_input": s * b * a * d // tp,
         "mlp": 3 * s * b * f // tp,
     }
@@ -132,6 +132,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     mc, tr = recipe.megatron, recipe.training
     tp, pp = mc.tensor_model_parallel_size, mc.pipeline_model_parallel_size
+    cp = mc.context_parallel_size
     notes = []
     e = 2 if (tr.bf16 is not False or tr.fp16) else 4
     padded = padded_vocab_size(arch.vocab_size, tp, mc.make_vocab_size_divisible_by)
@@ -139,8 +140,8 @@ def estimate_memory(
     params = max(first, last)
     master = 4 if e == 2 else 0
     optimizer = params * (8 + master)
-    if mc.use_distributed_optimizer:
-        optimizer //= dp
+    if mc.use_distributed_optimizer:  # sharded over DP x CP (megatron's intra-DP-CP group)
+        optimizer //= dp * cp
     prompt = tr.max_prompt_length
     if prompt is None:
         prompt = 512
@@ -156,6 +157,13 @@ def estimate_memory(
         notes.append(
             f"max_tokens_per_micro_batch={mc.max_tokens_per_micro_batch}: activations and logits "
             f"sized as {b} sequences of {s} tokens per micro-batch"
+        )
+    full_s = s
+    if cp > 1:  # this rank's positions of every sequence (its logits too)
+        s = -(-s // cp)
+        notes.append(
+            f"context_parallel_size={cp}: activations and logits of {s} of each sequence's "
+            f"{full_s} positions per rank"
         )
     in_flight = min(pp, micro_batches)
     layers = arch.num_layers // pp
