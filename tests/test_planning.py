@@ -76,3 +76,17 @@ def test_unknown_remote_model_is_a_clear_error():
 
     with pytest.raises(ArchitectureError, match="not a local directory and not one of"):
         resolve_arch("someone/unknown-model")
+
+
+def test_context_parallel_splits_activations_and_logits_and_shards_the_optimizer():
+    arch = resolve_arch("Qwen/Qwen2.5-1.5B-Instruct")
+    one = estimate_memory(_recipe("--use_distributed_optimizer"), arch, dp=4)
+    cp = estimate_memory(
+        _recipe("--use_distributed_optimizer", "--context_parallel_size", "2"), arch, dp=4
+    )
+    # each rank runs 768 of every sequence's 1536 positions (flash attention: linear in s)
+    assert cp.activations_no_recompute * 2 == one.activations_no_recompute
+    assert cp.logits * 2 == one.logits
+    assert cp.optimizer * 2 == one.optimizer  # sharded over DP x CP
+    assert cp.parameters == one.parameters and cp.gradients == one.gradients
+    assert any("context_parallel_size=2" in n for n in cp.notes)

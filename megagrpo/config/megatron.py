@@ -41,8 +41,9 @@ class MegatronConfig:
     )
     context_parallel_size: int = option(
         1,
-        help="Context-parallel size (CP); only 1 for now: splitting the sequences over CP ranks "
-        "is not implemented yet, and a recipe with CP > 1 is refused.",
+        help="Context-parallel size (CP): each sequence split over CP ranks in megatron's "
+        "load-balanced chunks (long sequences); Transformer Engine's ring attention on GPU, "
+        "all-gathered keys and values on the local spec (docs/config.md).",
     )
     sequence_parallel: bool = option(
         False,
