@@ -160,6 +160,7 @@ def _update(groups, chunks, ddp, batch, loss_type_name, spec, need_old, entropy_
         "metrics": metrics,
         "grads": grads,
         "pp_rank": groups.pp_rank,
+        "tp_rank": groups.tp_rank,
         "cp_rank": groups.cp_rank,
     }
 
@@ -526,6 +527,7 @@ def _grads_of_update(groups, chunks, ddp, mbs, spec, loss_type, ctx, entropy_coe
         "metrics": metrics,
         "grads": grads,
         "pp_rank": groups.pp_rank,
+        "tp_rank": groups.tp_rank,
         "cp_rank": groups.cp_rank,
     }
 

@@ -59,19 +59,27 @@ def test_context_parallel_length_multiple(fp8, sp, tp, cp, expected):
     assert local % (16 if fp8 else 1) == 0 and local % (tp if sp else 1) == 0
 
 
-def _cp_group() -> ContextParallel:
-    """megatron's CP group of two ranks."""
+def _groups():
+    """megatron's groups with a CP group of two ranks (started once per process)."""
+    from megatron.core import parallel_state
+
     from megagrpo.config.megatron import MegatronConfig
     from megagrpo.distributed.groups import init_distributed
 
-    return ContextParallel.of(init_distributed(MegatronConfig(context_parallel_size=2)))
+    global _GROUPS
+    if _GROUPS is None or not parallel_state.model_parallel_is_initialized():
+        _GROUPS = init_distributed(MegatronConfig(context_parallel_size=2))
+    return _GROUPS
+
+
+_GROUPS = None
 
 
 def _gather_worker():
     """Per rank of CP=2: split, gather, and the gradients both gathers hand back."""
     from megagrpo.distributed.context_parallel import gather_replicated, gather_summed, split
 
-    cp = _cp_group()
+    cp = ContextParallel.of(_groups())
     g = torch.Generator().manual_seed(0)
     whole = torch.randn(3, 8, generator=g)
     cu = torch.tensor([0, 4, 12], dtype=torch.int32)
@@ -98,8 +106,19 @@ def _gather_worker():
     }
 
 
-def test_context_parallel_split_then_gather_equals_the_unsplit_tensors():
-    for r in run_ranks(2, _gather_worker):
+def _gather_and_loss_worker(cases):
+    return {"gather": _gather_worker(), "loss": _loss_worker(cases)}
+
+
+@pytest.fixture(scope="module")
+def cp_pair():
+    """Both CP=2 ranks' results of ``_gather_worker`` and ``_loss_worker`` (one start)."""
+    cases = _cases()
+    return cases, run_ranks(2, _gather_and_loss_worker, cases)
+
+
+def test_context_parallel_split_then_gather_equals_the_unsplit_tensors(cp_pair):
+    for r in (rank["gather"] for rank in cp_pair[1]):
         assert torch.equal(r["gathered"], r["whole"])
         assert torch.equal(r["gathered_packed"], r["packed"])
         # the loss is repeated on every CP rank: each keeps its own positions' gradient
@@ -117,7 +136,7 @@ def _loss_worker(cases):
     from megagrpo.distributed.context_parallel import gather_replicated, split
     from megagrpo.training.batch import make_micro_batches
 
-    cp = _cp_group()
+    cp = ContextParallel.of(_groups())
     (mb,) = make_micro_batches(_batch(), 8, pad_token_id=0, length_multiple=4)
     g = torch.Generator().manual_seed(1)
     logp_bl = -4.6 + 0.3 * torch.randn(mb.mask_bl.shape, generator=g)
@@ -142,9 +161,9 @@ def _loss_worker(cases):
     return out
 
 
-def test_context_parallel_loss_and_its_gradient_equal_the_unsplit_ones():
-    cases = _cases()
-    for rank in run_ranks(2, _loss_worker, cases):
+def test_context_parallel_loss_and_its_gradient_equal_the_unsplit_ones(cp_pair):
+    cases = cp_pair[0]
+    for rank in (r["loss"] for r in cp_pair[1]):
         for (name, spec, *_), (unsplit, value, grad, local_grad) in zip(cases, rank):
             label = f"{name}/{spec.objective}/{spec.importance_sampling_level}"
             assert value == pytest.approx(unsplit, rel=1e-6), label
@@ -169,3 +188,24 @@ def test_context_parallel_update_equals_one_process(tiny_checkpoint):
             {"padded": one[k]["packed"], "packed": rank[k]["packed"]} for k in range(len(cases))
         ]
         _assert_same([merged], cases)  # CP's packed layout against one process's
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_context_parallel_with_tensor_or_pipeline_parallel_equals_no_cp(tp, pp, tiny_checkpoint):
+    """TP=2 x CP=2 and PP=2 x CP=2 (four ranks) against the same TP / PP layout without CP: each
+    rank's metrics, gradient shards and (last stage) old log-probs, padded and packed."""
+    cases = _cases(("vespo",))  # with the old log-prob pass
+    hf = tiny_checkpoint("qwen2")
+    args = (_batch(), cases, MAX_TOKENS)
+    reference = {
+        (r[0]["padded"]["tp_rank"], r[0]["padded"]["pp_rank"]): r
+        for r in run_ranks(tp * pp, context_parallel_updates_worker, hf, tp, pp, 1, *args)
+    }
+    ranks = run_ranks(tp * pp * 2, context_parallel_updates_worker, hf, tp, pp, 2, *args)
+    assert sorted(r[0]["padded"]["cp_rank"] for r in ranks) == [0, 0, 1, 1]
+    for r in ranks:
+        ref = reference[(r[0]["padded"]["tp_rank"], r[0]["padded"]["pp_rank"])]
+        for k in range(len(cases)):
+            for layout in ("padded", "packed"):
+                merged = [{"padded": ref[k][layout], "packed": r[k][layout]}]
+                _assert_same([merged], [cases[k]])

@@ -51,7 +51,10 @@ def forward_backward(
         return output, lambda logits: loss_fn(mb, mb.packed.unpack(logits))
 
     iterators = [iter(micro_batches) for _ in chunks]  # one per model chunk (interleaved 1F1B)
-    shape = model_input(micro_batches[0], cp)[0].shape
+    first = micro_batches[0]
+    # the whole sequences' shape: megatron's schedules divide the length by CP (and by TP under
+    # sequence parallelism) for the tensors pipeline stages exchange
+    shape = (first.packed.input_ids_1t if first.packed is not None else first.input_ids_bl).shape
     context = torch.no_grad() if forward_only else nullcontext()
     with context:
         return get_forward_backward_func()(
