@@ -101,8 +101,18 @@ def stage_parameters(arch: ModelArch, tp: int, pp: int, padded_vocab: int) -> tu
 
 
 def layer_activation_elements(
-    arch: ModelArch, s: int, b: int, tp: int, *, sequence_parallel: bool, flash: bool
+    arch: ModelArch,
+    s: int,
+    b: int,
+    tp: int,
+    *,
+    sequence_parallel: bool,
+    flash: bool,
+    key_length: int | None = None,
 ) -> dict[str, int]:
+    """Elements one layer keeps for its backward, for ``s`` query positions of ``b`` sequences
+    (``key_length``: the keys each attends over, ``s`` unless context parallelism splits the
+    queries)."""
     h, d, a, g, f = (
         arch.hidden_size,
         arch.head_dim,
@@ -115,7 +125,7 @@ def layer_activation_elements(
         "norm_inputs": 2 * hidden,
         "linear_inputs": 2 * hidden,
         "qkv": s * b * ((a * d + 2 * g * d) if flash else 3 * a * d) // tp,
-        "softmax": 0 if flash else a * s * s * b // tp,  # under CP: s / CP x s, not modelled
+        "softmax": 0 if flash else a * s * (key_length or s) * b // tp,
         "proj_input": s * b * a * d // tp,
         "mlp": 3 * s * b * f // tp,
     }
@@ -168,7 +178,13 @@ def estimate_memory(
     in_flight = min(pp, micro_batches)
     layers = arch.num_layers // pp
     parts = layer_activation_elements(
-        arch, s, b, tp, sequence_parallel=mc.sequence_parallel, flash=flash_attention
+        arch,
+        s,
+        b,
+        tp,
+        sequence_parallel=mc.sequence_parallel,
+        flash=flash_attention,
+        key_length=full_s,
     )
     full_layer = sum(parts.values()) * e
     chunk_input = s * b * arch.hidden_size // (tp if mc.sequence_parallel else 1) * e
