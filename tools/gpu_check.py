@@ -75,11 +75,14 @@ def check_demo(args) -> int:
     import importlib.util
 
     if importlib.util.find_spec("datasets") is None or importlib.util.find_spec("pyarrow") is None:
-        # megagrpo's data loader reads the demo's jsonl through ``datasets``; pyarrow's cp312
-        # wheel alone (55 MB) does not fit the 64 MiB that can be brought to the GPU machine.
-        print("RESULT|GRPO demo on CUDA|skipped|datasets / pyarrow not installed here", flush=True)
+        # megagrpo's data loader reads the demo's jsonl through ``datasets``, which the GPU
+        # machine lacks; .whl/gpu_site.tar.xz (tools/fetch_gpu_wheels.sh) brings it.
+        why = "datasets / pyarrow not installed: run tools/fetch_gpu_wheels.sh before gpu_check.sh"
+        print(f"RESULT|GRPO demo on CUDA|skipped|{why}", flush=True)
         print("RESULT|peak memory of one update vs --dry-run planner|skipped|needs the demo")
         return 0
+    import datasets  # noqa: F401 - installed but broken (e.g. huggingface_hub too old): fail here
+
     from megagrpo.demo.grpo_demo import demo_recipe
     from megagrpo.models.arch import load_arch
     from megagrpo.planning.memory import estimate_memory
@@ -96,7 +99,7 @@ def check_demo(args) -> int:
             "--save_strategy",
             "no",
             "--log_completions",
-            "false",  # parquet tables need pyarrow, which is not brought along
+            "false",  # tables of completions (parquet, printed with rich) are not checked here
             "--resume_from_checkpoint",
             "false",
         ],

@@ -4,9 +4,10 @@
 #   tools/gpu_check.sh --plan   # list the checks and exit 0 (any machine, CPU CI included)
 #   tools/gpu_check.sh          # run them; the table goes to $OUT/gpu_check.md (default ./outputs)
 #
-# The GPU machine has Python 3.12, torch (CUDA), Triton and transformers, but no megatron-core and
-# no network: the other packages come as cp312 wheels that tools/fetch_gpu_wheels.sh downloads
-# into .whl/ beforehand (git-ignored); they are installed offline into /tmp/site.
+# The GPU machine has Python 3.12, torch (CUDA), Triton and transformers, but no megatron-core,
+# datasets or network: the other packages come as .whl/gpu_site.tar.xz, the cp312 wheels that
+# tools/fetch_gpu_wheels.sh downloads and unpacks beforehand (git-ignored; carry .whl), extracted
+# offline into /tmp/site; wheels put in .whl/ by hand are installed there too.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ if [ "${1:-}" = "--plan" ]; then
     echo "- $name (timeout ${limit}s)"
     total=$((total + limit))
   done
-  echo "worst case ${total}s, plus the offline install of .whl/*.whl"
+  echo "worst case ${total}s, plus extracting .whl/gpu_site.tar.xz (tools/fetch_gpu_wheels.sh)"
   exit 0
 fi
 
@@ -39,6 +40,17 @@ if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
   echo "gpu_check.sh: no CUDA device here (tools/gpu_check.sh --plan lists the checks)" >&2
   exit 2
 fi
+mkdir -p /tmp/site
+if [ -f .whl/gpu_site.tar.xz ]; then
+  # Python's tarfile where the machine has no xz binary
+  { tar -xJf .whl/gpu_site.tar.xz -C /tmp/site ||
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+      .whl/gpu_site.tar.xz /tmp/site; } >>"$LOG" 2>&1 ||
+    echo "extracting .whl/gpu_site.tar.xz failed (see $LOG)" >&2
+else
+  echo "no .whl/gpu_site.tar.xz (run tools/fetch_gpu_wheels.sh beforehand): megatron-core," \
+    "datasets and math-verify missing" | tee -a "$LOG" >&2
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || echo "wheel install failed (see $LOG)" >&2
@@ -48,6 +60,7 @@ mkdir -p /tmp/gpu_check_path
 ln -sfn "$PWD/kernels" /tmp/gpu_check_path/megagrpo_kernels
 export PYTHONPATH="/tmp/site:/tmp/gpu_check_path:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OUT
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no network there: never wait for one
 
 device=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
 versions=$(python3 -c "import torch, triton; print(f'torch {torch.__version__}, Triton {triton.__version__}')" 2>&1)
