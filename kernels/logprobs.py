@@ -104,7 +104,7 @@ def forward_rows(
                 logits_nv, targets_n, vocab_start, temperature, with_entropy, True, block_size
             )
         stats_n5 = reference.local_row_stats(
-            logits_nv, targets_n, vocab_start, temperature, chunk_size
+            logits_nv, targets_n, vocab_start, temperature, chunk_size, with_entropy
         )
     else:
         if backend == "triton":
@@ -113,7 +113,7 @@ def forward_rows(
             )
         else:
             stats_n5 = reference.local_row_stats(
-                logits_nv, targets_n, vocab_start, temperature, chunk_size
+                logits_nv, targets_n, vocab_start, temperature, chunk_size, with_entropy
             )
         stats_n5 = merge_row_stats(gather_row_stats(stats_n5, tp_group), temperature)
         if validate:

@@ -21,7 +21,8 @@ import torch
 from .loss_spec import GRPOLossSpec
 from .vocab_parallel import MAX, NUM_STATS, OWNER, SUMEXP, TARGET, XLOGX, merge_row_stats
 
-CHUNK_ELEMENTS = 1 << 22  # elements of one [N, chunk] temporary: 16 MB in fp32
+CHUNK_ELEMENTS = 1 << 22  # elements of one [N, chunk] column chunk at most: 16 MB in fp32
+BLOCK_ELEMENTS = 1 << 20  # elements of one row block of a chunk: 4 MB in fp32
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,23 +30,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def chunk_columns(n_rows: int, vocab: int, chunk_size: int | None = None) -> int:
-    """Vocab columns per chunk: ``chunk_size`` if given, else about ``CHUNK_ELEMENTS / N``."""
+    """Vocab columns per chunk: ``chunk_size`` if given, else the whole vocab up to
+    ``CHUNK_ELEMENTS`` columns (rows are then processed in blocks, ``row_blocks``)."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return min(chunk_size, max(vocab, 1))
-    return max(1, min(vocab, max(256, CHUNK_ELEMENTS // max(n_rows, 1))))
+    return max(1, min(vocab, CHUNK_ELEMENTS))
 
 
-def _scaled_shifted(
-    logits_nc: torch.Tensor, max_n: torch.Tensor, temperature: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """``(z - M) / T`` in ``dtype`` as a fresh tensor (never a view of the logits)."""
-    u_nc = logits_nc.to(dtype, copy=True)
-    u_nc.sub_(max_n[:, None])
-    if temperature != 1.0:
-        u_nc.div_(temperature)
-    return u_nc
+def row_blocks(n_rows: int, cols: int):
+    """``(r0, r1)`` blocks of rows holding about ``BLOCK_ELEMENTS`` elements of ``cols`` columns:
+    each pass over a block reads memory the previous one left in cache, and a block of whole
+    rows is contiguous (a [N, chunk] column slice is strided, and 3x slower to reduce on CPU)."""
+    rows = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    return [(r0, min(r0 + rows, n_rows)) for r0 in range(0, n_rows, rows)]
 
 
 def local_row_stats(
@@ -54,8 +53,10 @@ def local_row_stats(
     vocab_start: int,
     temperature: float,
     chunk_size: int | None = None,
+    with_entropy: bool = True,
 ) -> torch.Tensor:
-    """This shard's per-row statistics ``[N, 5]`` (see :mod:`vocab_parallel`), chunk by chunk."""
+    """This shard's per-row statistics ``[N, 5]`` (see :mod:`vocab_parallel`), chunk by chunk
+    and row block by row block; ``XLOGX`` is left 0 without ``with_entropy``."""
     n_rows, vocab = logits_nv.shape
     dtype = compute_dtype(logits_nv.dtype)
     cols = chunk_columns(n_rows, vocab, chunk_size)
@@ -64,16 +65,21 @@ def local_row_stats(
     stats_kn5[..., MAX] = -torch.inf
     floor = torch.finfo(dtype).min
     for k, c0 in enumerate(range(0, vocab, cols)):
-        chunk_nc = logits_nv[:, c0 : c0 + cols]
-        m_n = chunk_nc.amax(dim=-1).to(dtype)
-        safe_m_n = torch.where(torch.isneginf(m_n), torch.zeros_like(m_n), m_n)
-        u_nc = _scaled_shifted(chunk_nc, safe_m_n, temperature, dtype)
-        e_nc = torch.exp(u_nc)
-        stats_kn5[k, :, MAX] = m_n
-        stats_kn5[k, :, SUMEXP] = e_nc.sum(dim=-1)
-        # e * u with exp(-inf) * -inf read as 0: clamp u to a finite floor first.
-        stats_kn5[k, :, XLOGX] = u_nc.clamp_(min=floor).mul_(e_nc).sum(dim=-1)
-        del u_nc, e_nc
+        for r0, r1 in row_blocks(n_rows, min(cols, vocab - c0)):
+            block_bc = logits_nv[r0:r1, c0 : c0 + cols]
+            m_b = block_bc.amax(dim=-1).to(dtype)
+            safe_m_b = torch.where(torch.isneginf(m_b), torch.zeros_like(m_b), m_b)
+            u_bc = _scaled_shifted(block_bc, safe_m_b, temperature, dtype)
+            stats_kn5[k, r0:r1, MAX] = m_b
+            if with_entropy:
+                e_bc = torch.exp(u_bc)
+                stats_kn5[k, r0:r1, SUMEXP] = e_bc.sum(dim=-1)
+                # e * u with exp(-inf) * -inf read as 0: clamp u to a finite floor first.
+                stats_kn5[k, r0:r1, XLOGX] = u_bc.clamp_(min=floor).mul_(e_bc).sum(dim=-1)
+                del e_bc
+            else:
+                stats_kn5[k, r0:r1, SUMEXP] = u_bc.exp_().sum(dim=-1)
+            del u_bc
     stats_n5 = merge_row_stats(stats_kn5, temperature)
     local_n = targets_n.long() - vocab_start
     owner_n = (local_n >= 0) & (local_n < vocab)
@@ -83,6 +89,17 @@ def local_row_stats(
         stats_n5[:, TARGET] = torch.where(owner_n, target_n, torch.zeros_like(target_n))
     stats_n5[:, OWNER] = owner_n.to(dtype)
     return stats_n5
+
+
+def _scaled_shifted(
+    logits_nc: torch.Tensor, max_n: torch.Tensor, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(z - M) / T`` in ``dtype`` as a fresh tensor (never a view of the logits), one pass
+    (two with a temperature)."""
+    u_nc = torch.sub(logits_nc.to(dtype) if logits_nc.dtype != dtype else logits_nc, max_n[:, None])
+    if temperature != 1.0:
+        u_nc.div_(temperature)
+    return u_nc
 
 
 def logprobs_backward(
@@ -100,7 +117,8 @@ def logprobs_backward(
     """``grad_logits [N, V]`` (logits' dtype) from the saved row max and log-sum-exp, chunked.
 
     ``d logp / d z_j = (1[j = target] - p_j) / T`` and
-    ``d entropy / d z_j = -p_j (log p_j + entropy) / T``.
+    ``d entropy / d z_j = -p_j (log p_j + entropy) / T``, so a row's gradient is
+    ``(g 1[j = target] - p_j (g + gh (log p_j + entropy))) / T``.
     """
     n_rows, vocab = logits_nv.shape
     dtype = compute_dtype(logits_nv.dtype)
@@ -118,23 +136,28 @@ def logprobs_backward(
     cols = chunk_columns(n_rows, vocab, chunk_size)
     floor = torch.finfo(dtype).min
     for c0 in range(0, vocab, cols):
-        logq_nc = _scaled_shifted(logits_nv[:, c0 : c0 + cols], safe_m_n, temperature, dtype)
-        logq_nc.sub_(safe_lse_n[:, None])  # log p_j
-        p_nc = torch.exp(logq_nc)
-        if with_entropy:
-            logq_nc.clamp_(min=floor).add_(h_n[:, None]).mul_(p_nc).mul_(gh_n[:, None])
-            gz_nc = logq_nc.neg_()
-            gz_nc.sub_(p_nc.mul_(g_n[:, None]))
-        else:
-            del logq_nc
-            gz_nc = p_nc.mul_(-g_n[:, None])
-        in_chunk_n = (local_n >= c0) & (local_n < c0 + gz_nc.shape[1])
-        rows_r = in_chunk_n.nonzero()[:, 0]
-        gz_nc[rows_r, local_n[rows_r] - c0] += g_n[rows_r]
-        if temperature != 1.0:
-            gz_nc.div_(temperature)
-        grad_nv[:, c0 : c0 + cols] = gz_nc
-        del gz_nc, p_nc
+        width = min(cols, vocab - c0)
+        for r0, r1 in row_blocks(n_rows, width):
+            logq_bc = _scaled_shifted(
+                logits_nv[r0:r1, c0 : c0 + cols], safe_m_n[r0:r1], temperature, dtype
+            )
+            logq_bc.sub_(safe_lse_n[r0:r1, None])  # log p_j
+            g_b = g_n[r0:r1, None]
+            if with_entropy:
+                p_bc = torch.exp(logq_bc)
+                # -p (g + gh (log p + H)), in the log p buffer
+                gz_bc = logq_bc.clamp_(min=floor).add_(h_n[r0:r1, None]).mul_(gh_n[r0:r1, None])
+                gz_bc.add_(g_b).mul_(p_bc).neg_()
+                del p_bc
+            else:
+                gz_bc = logq_bc.exp_().mul_(-g_b)  # -p g, in place
+            local_b = local_n[r0:r1] - c0
+            rows_r = ((local_b >= 0) & (local_b < width)).nonzero()[:, 0]
+            gz_bc[rows_r, local_b[rows_r]] += g_n[r0:r1][rows_r]
+            if temperature != 1.0:
+                gz_bc.div_(temperature)
+            grad_nv[r0:r1, c0 : c0 + cols] = gz_bc
+            del gz_bc
     return grad_nv
 
 

@@ -34,7 +34,7 @@ def test_packed_layout_keeps_the_padded_per_sequence_tensors():
     assert p.cu_seqlens.tolist() == [0, 5, 10, 14] and p.cu_seqlens.dtype == torch.int32
     assert p.max_seqlen == 5
     # the padded layout gathered back from the pack: real positions only (mask is 0 elsewhere)
-    gathered = p.unpack(p.input_ids_1t[..., None])[..., 0]
+    gathered = p.input_ids_1t[0][p.unpack_bl]
     real = mb.input_ids_bl != 0
     assert torch.equal(gathered[real], mb.input_ids_bl[real])
 

@@ -12,8 +12,9 @@ layout. ``mask_truncated_completions`` zeroes the mask of completions that hit m
 
 A packed micro-batch (``packing.py``) runs the model on its sequences back to back (``packed``)
 and keeps the same right-padded per-sequence tensors, L being its own longest sequence: the
-logits are gathered into that layout before the loss, so every per-token and per-sequence
-reduction is the padded path's. Its ``loss_weight_bl`` / ``entropy_weight_bl`` carry each
+per-token log-probs (not the logits) are gathered into that layout before the loss
+(``model_io.token_logprobs``), so every per-token and per-sequence reduction is the padded
+path's. Its ``loss_weight_bl`` / ``entropy_weight_bl`` carry each
 token's weight in the step's objective (``token_budget.py``); None for padded micro-batches.
 """
 
@@ -99,8 +100,7 @@ class PackedSequences:
     input_ids_1t: torch.Tensor
     targets_1t: torch.Tensor
     """long [1, t]: the token each packed position predicts (the next one of its sequence; 0 at
-    a sequence's last position and in padding). Context parallelism gathers log-probs from the
-    packed layout; otherwise the targets come from ``targets_bl`` after ``unpack``."""
+    a sequence's last position and in padding): the log-probs are taken in the packed layout."""
     cu_seqlens: torch.Tensor
     """int32 [S + 1]: where each sequence starts (padding up to a fixed size: more sequences;
     under context parallelism each sequence is padded to a multiple of 2 x CP, its padding
@@ -108,7 +108,7 @@ class PackedSequences:
     max_seqlen: int
     unpack_bl: torch.Tensor
     """long [b, L]: the packed position of each position of the micro-batch's padded layout
-    (0 past a sequence's end, where the mask is 0)."""
+    (0 past a sequence's end, where the mask is 0): ``logp_1t[0][unpack_bl]`` is ``logp_bl``."""
 
     def params(self):
         """megatron's ``PackedSeqParams`` for these sequences."""
@@ -121,10 +121,6 @@ class PackedSequences:
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
         )
-
-    def unpack(self, logits_1tv: torch.Tensor) -> torch.Tensor:
-        """The model's output ``[1, t, V]`` in the micro-batch's padded layout ``[b, L, V]``."""
-        return logits_1tv[0][self.unpack_bl]
 
     def to(self, device) -> PackedSequences:
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}

@@ -4,14 +4,11 @@ learning-rate schedule is ``lr_schedule.py``).
 ``forward_backward`` feeds every pipeline stage the same micro-batches (all ranks of a
 model-parallel group hold the step's data), lets megatron pick the schedule (no pipelining, 1F1B,
 interleaved 1F1B), and returns what the loss function produced for each micro-batch on the last
-stage (an empty list elsewhere). The loss function receives the micro-batch and this rank's
-vocab-parallel logits ``[b, L, V/TP]``; a packed micro-batch (``packing.py``) runs ``[1, t]``
-tokens with its ``PackedSeqParams`` and its logits are gathered into that layout first.
-
-Under context parallelism (``cp``) the model runs this CP rank's positions only
-(``context_parallel_batch.model_input``) and the loss function receives this rank's logits as
-they come out ([b, L / C, V / TP], packed [1, t / C, V / TP]); it gathers the whole sequences'
-log-probs itself (``context_parallel_batch.cp_logprobs``).
+stage (an empty list elsewhere). The model runs ``model_io.model_input``'s layout (padded
+``[b, L]``, packed ``[1, t]`` with its ``PackedSeqParams``, or this context-parallel rank's
+positions of either) and the loss function receives the micro-batch and this rank's
+vocab-parallel logits in that layout (``model_io.token_logprobs`` turns them into the
+micro-batch's per-token log-probs).
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from megagrpo.training.context_parallel_batch import model_input
+from megagrpo.training.model_io import model_input
 
 
 def forward_backward(
@@ -46,9 +43,7 @@ def forward_backward(
             output = model(ids, None, attention_mask=None)
         else:
             output = model(ids, None, attention_mask=None, packed_seq_params=params)
-        if mb.packed is None or cp is not None:
-            return output, lambda logits: loss_fn(mb, logits)
-        return output, lambda logits: loss_fn(mb, mb.packed.unpack(logits))
+        return output, lambda logits: loss_fn(mb, logits)
 
     iterators = [iter(micro_batches) for _ in chunks]  # one per model chunk (interleaved 1F1B)
     first = micro_batches[0]

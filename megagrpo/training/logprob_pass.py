@@ -11,14 +11,12 @@ from __future__ import annotations
 import torch
 
 from megagrpo.distributed.context_parallel import ContextParallel
-from megagrpo.training.context_parallel_batch import cp_logprobs
 from megagrpo.training.forward_backward import forward_backward
+from megagrpo.training.model_io import token_logprobs
 
 
 def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: str) -> None:
     """Set ``mb.<field>`` to the log-probs of ``mb.targets_bl`` under ``chunks``."""
-    from megagrpo_kernels import logprobs
-
     tp_group = groups.tp if groups.tp_size > 1 else None
     cp = ContextParallel.of(groups)
     was_training = [c.training for c in chunks]
@@ -26,10 +24,7 @@ def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: s
         c.eval()
 
     def loss_fn(mb, logits):
-        if cp is None:
-            logp_bl = logprobs(logits, mb.targets_bl, temperature, tp_group)
-        else:
-            logp_bl, _ = cp_logprobs(logits, mb, cp, temperature=temperature, tp_group=tp_group)
+        logp_bl, _ = token_logprobs(logits, mb, cp, temperature=temperature, tp_group=tp_group)
         return torch.zeros((), device=logits.device), {"logp": logp_bl.detach()}
 
     try:

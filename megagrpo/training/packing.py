@@ -6,10 +6,11 @@ The model runs ``[1, t]`` tokens with megatron's ``PackedSeqParams`` (``qkv_form
 Transformer Engine's varlen attention on GPU, ``models/sdpa_attention.py`` on CPU; each sequence
 attends to itself only and its rotary positions restart at 0 (megatron applies RoPE per
 ``cu_seqlens``). The per-token tensors stay in the right-padded ``[b, L]`` layout of
-``batch.py`` (L: this micro-batch's longest sequence) and the logits are gathered into it, so the
-loss, its per-sequence reductions and the log-prob pass are the padded path's. That view is
-kept within the budget as well (``fill_budget``): a pack of one long and many short sequences
-would otherwise gather logits far larger than the pack (sequences x longest x vocabulary).
+``batch.py`` (L: this micro-batch's longest sequence): the log-probs are taken from the packed
+logits and gathered into it (``model_io.token_logprobs``), so the loss, its per-sequence
+reductions and the log-prob pass are the padded path's. A pack is also kept to sequences x
+longest <= the budget (``fill_budget``): the CPU attention scatters a pack into that padded
+[sequences, longest] grid.
 
 Under context parallelism every sequence is padded to a multiple of 2 x CP (``sequence_multiple``;
 the padding trails it inside its ``cu_seqlens`` span, masked out of the loss), so each CP rank
@@ -37,9 +38,9 @@ def sequence_lengths(batch: CompletionBatch, multiple: int = 1) -> list[int]:
 
 def fill_budget(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into bins of at most ``max_tokens`` tokens whose padded view
-    (sequences x the longest) is also at most ``max_tokens`` positions, so the loss's logits are
-    never larger than a padded micro-batch's of that many tokens (first fit over the sequences
-    longest first: a bin's first sequence is its longest); each bin's indices in ascending order."""
+    (sequences x the longest) is also at most ``max_tokens`` positions (first fit over the
+    sequences longest first: a bin's first sequence is its longest); each bin's indices in
+    ascending order."""
     too_long = [n for n in lengths if n > max_tokens]
     if too_long:
         raise ValueError(

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from megagrpo.algorithms.entropy_bonus import EntropyBonus
 from megagrpo.algorithms.loss_aggregation import BatchContext, LossType
 from megagrpo.distributed.context_parallel import ContextParallel
-from megagrpo.training.context_parallel_batch import cp_logprobs
 from megagrpo.training.forward_backward import forward_backward
+from megagrpo.training.model_io import token_logprobs
 
 # Token-weighted sums collected per micro-batch, in this order.
 SUM_KEYS = (
@@ -66,7 +66,7 @@ def grpo_update(
             is_weight=mb.is_weight_bl,
             sampler_logp=mb.sampler_logp_bl,
         )
-        if cp is None:
+        if cp is None and mb.packed is None:  # the fused kernel takes the logits
             out = logprob_grpo_loss(
                 logits,
                 mb.targets_bl,
@@ -76,8 +76,8 @@ def grpo_update(
                 entropy_grad=entropy_grad,
                 **loss_inputs,
             )
-        else:  # the whole sequences' log-probs: the loss is the unsplit one on every CP rank
-            logp, entropy = cp_logprobs(
+        else:  # per-token values in the [b, L] layout (the logits stay in the model's)
+            logp, entropy = token_logprobs(
                 logits, mb, cp, temperature=spec.temperature, tp_group=tp_group, with_entropy=True
             )
             out = grpo_loss(logp, spec=spec, entropy=entropy, **loss_inputs)
