@@ -22,13 +22,13 @@ from megagrpo.demo.arithmetic import operands, worked_solution
 class ReasoningLengths:
     """How many ``check`` lines a target's ``<think>`` holds."""
 
-    mean_lines: float = 6.0  # mean of the geometric draw before truncation
+    mean_lines: float = 10.0  # mean of the geometric draw before truncation
     max_lines: int = 23  # truncation: 23 lines make a target of 252-253 tokens with EOS
     no_think: float = 0.1  # chance of the answer block alone
 
     def __post_init__(self):
         if self.mean_lines < 0 or self.max_lines < 0 or not 0 <= self.no_think < 1:
-            raise ValueError(f"reasoning lengths need non-negative sizes and 0 <= no_think < 1: {self}")
+            raise ValueError(f"reasoning lengths need sizes >= 0 and 0 <= no_think < 1: {self}")
 
     def draw(self, rng: random.Random) -> int | None:
         """A number of check lines, or None for no reasoning."""

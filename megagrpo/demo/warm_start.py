@@ -46,7 +46,7 @@ def demo_completion(problem: dict) -> str:
     return worked_solution(problem)
 
 
-def sft_examples(tok, rows: list[dict], completions: list[str]) -> list[tuple[list[int], list[int]]]:
+def sft_examples(tok, rows: list[dict], completions: list[str]) -> list[tuple[list, list]]:
     """(input ids, labels) per row: the chat prompt masked out, the completion + EOS learned."""
     encoded = []
     for row, completion in zip(rows, completions, strict=True):
