@@ -232,6 +232,17 @@ def run_trl(assets: str, steps: int, out: str, workload: str = "demo", max_token
 
     tok = AutoTokenizer.from_pretrained(os.path.join(assets, "model"))
     model = AutoModelForCausalLM.from_pretrained(os.path.join(assets, "model"))
+    generating = [0.0]
+    generate = model.generate
+
+    def timed_generate(*a, **kw):  # TRL calls the model's generate for its rollouts
+        t = time.perf_counter()
+        try:
+            return generate(*a, **kw)
+        finally:
+            generating[0] += time.perf_counter() - t
+
+    model.generate = timed_generate
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[accuracy_recorded, format_reward, tag_count_reward],
@@ -251,6 +262,7 @@ def run_trl(assets: str, steps: int, out: str, workload: str = "demo", max_token
         **_summary(history, "reward", "rewards/accuracy_reward/mean"),
         **log.result(),
         **_memory(),
+        "generation_seconds": generating[0],
     }
 
 
@@ -314,6 +326,12 @@ def _report_realistic(rows: list[dict], args) -> None:
         + ", ".join(f"{k} {v:.2f}" for k, v in rows[0]["seconds_per_step"].items())
         + f"; step 1 {rows[0]['first_step_seconds']:.2f}"
     )
+    trl = rows[1]
+    print(
+        f"TRL seconds per step: generation {trl['generation_seconds'] / trl['steps']:.2f}, "
+        f"the rest (rewards, forward/backward, optimizer) "
+        f"{(trl['train_seconds'] - trl['generation_seconds']) / trl['steps']:.2f}"
+    )
     print(f"memory ratio megagrpo / TRL: {rows[0]['peak_rss_gib'] / rows[1]['peak_rss_gib']:.2f}x")
 
 
@@ -357,7 +375,8 @@ def main(argv=None) -> int:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}; {args.steps} steps x "
-        f"{s['completions_per_step']} completions"
+        f"{s['completions_per_step']} completions; load average at the end "
+        + " ".join(f"{x:.1f}" for x in os.getloadavg())
     )
     if args.workload != "demo":
         print(f"workload {args.workload}: assets ready in {prepared:.1f} s")
