@@ -59,7 +59,7 @@ REALISTIC = dict(
     micro_batch_size=16,  # completions per padded micro-batch (TRL's gradient-accumulation pass)
 )
 WORKLOADS = {"demo": SETTINGS, "realistic": REALISTIC}
-DEFAULT_STEPS = {"demo": 20, "realistic": 5}
+DEFAULT_STEPS = {"demo": 20, "realistic": 4}
 
 
 def _prepare(workload: str, assets: str) -> None:
@@ -338,7 +338,7 @@ def _report_realistic(rows: list[dict], args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="demo")
-    p.add_argument("--steps", type=int, default=None, help="default: 20 (demo), 5 (realistic)")
+    p.add_argument("--steps", type=int, default=None, help="default: 20 (demo), 4 (realistic)")
     p.add_argument("--output-dir", default=None, help="default: outputs/bench_e2e[_realistic]")
     p.add_argument(
         "--max-tokens-per-micro-batch",

@@ -54,7 +54,7 @@ class RealisticWarmStart:
     batch_size: int = 16
     pad_steps: int = 20  # phase 2 optimizer steps, at the padded vocabulary, new rows only
     pad_batch_size: int = 4
-    pad_lr: float = 5e-2  # phase 2's learning rate (only the new rows move)
+    pad_lr: float = 0.1  # phase 2's learning rate (only the new rows move)
     lr: float = 1e-3
     variants: int = 4  # targets per training problem, each with its own drawn length
     vocab_size: int = VOCAB_SIZE
