@@ -90,7 +90,7 @@ def test_assets_at_tiny_size(tmp_path):
 def test_length_report():
     tool = _tool()
     log = tool.LengthLog()
-    log.add([[5] * 10, [7] * 20, [3] * 256])
-    assert log.result() == {"lengths": [10, 20, 256], "max_token_id": 7}
+    log.add([[5] * 10, [7] * 20, [3] * 255 + [300]])
+    assert log.result() == {"lengths": [10, 20, 256], "max_token_id": 300, "outside": 1}
     line = tool.length_distribution(log.lengths, 256)
     assert line.startswith("n=3 min 10 ") and "[0,16): 1" in line and "=256: 1" in line

@@ -76,18 +76,21 @@ def _prepare(workload: str, assets: str) -> None:
 class LengthLog:
     """Every sampled completion's length and the largest token id, from inside either trainer."""
 
-    def __init__(self):
+    def __init__(self, tokenizer_size: int = 263):
         self.lengths: list[int] = []
         self.max_token_id = -1
+        self.tokenizer_size = tokenizer_size
+        self.outside = 0  # sampled ids the tokenizer does not have (it decodes them to nothing)
 
     def add(self, completion_ids) -> None:
         for ids in completion_ids:
-            ids = list(ids)
+            ids = list(map(int, ids))
             self.lengths.append(len(ids))
-            self.max_token_id = max([self.max_token_id, *map(int, ids)])
+            self.max_token_id = max([self.max_token_id, *ids])
+            self.outside += sum(t >= self.tokenizer_size for t in ids)
 
     def result(self) -> dict:
-        return {"lengths": self.lengths, "max_token_id": self.max_token_id}
+        return {"lengths": self.lengths, "max_token_id": self.max_token_id, "outside": self.outside}
 
 
 def _memory() -> dict:
@@ -319,7 +322,10 @@ def _report_realistic(rows: list[dict], args) -> None:
         )
     for r in rows:
         print(f"completion lengths, {r['engine']}: {length_distribution(r['lengths'], cap)}")
-        print(f"  largest sampled token id {r['max_token_id']} (tokenizer: 263 ids)")
+        print(
+            f"  largest sampled token id {r['max_token_id']}; {r['outside']} of "
+            f"{sum(r['lengths'])} sampled tokens outside the tokenizer's 263 ids"
+        )
     print(f"warm start: largest probability on the padded vocabulary rows {pad:.2e}")
     print(
         "megagrpo seconds per step (steps 2..): "
