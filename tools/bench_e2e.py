@@ -14,7 +14,7 @@ accuracy of the last 5 steps.
 
 ``--workload realistic`` (``megagrpo/demo/realistic_workload.py``): the same prompts, tokenizer and
 reward functions, a model with Qwen2.5's 151,936-row vocabulary and hidden size 256, warm-started
-on reasoning of variable length, so completions spread from about 14 tokens to the 256-token cap.
+on reasoning of variable length, so completions spread from under 16 tokens to the 256-token cap.
 There each side trains the 64 completions of a step in micro-batches (a single pass's logits over
 the padded vocabulary would take about 12 GB): TRL in 4 gradient-accumulation passes of 16
 completions (one generation of 64 per optimizer step, as ``steps_per_generation`` does by

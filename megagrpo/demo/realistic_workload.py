@@ -5,7 +5,7 @@ reward functions, but with a model whose costs look like a small Qwen2.5's: the 
 output layer span Qwen2.5's 151,936 rows (the demo tokenizer uses the first 263; the rest stand
 for the vocabulary a real tokenizer would fill), hidden size 256 with head size 64, and a warm
 start on targets of variable length (``demo/variable_reasoning.py``), so sampled completions
-spread from about 14 tokens to the 256-token cap.
+spread from under 16 tokens to the 256-token cap.
 
 The warm start runs in two phases:
 
