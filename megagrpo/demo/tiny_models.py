@@ -55,15 +55,22 @@ TINY_CONFIGS: dict[str, dict] = {
 
 def tiny_hf_model(name: str, vocab_size: int, *, seed: int = 0, dtype=torch.float32):
     """A randomly initialised transformers model of the tiny config ``name``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if name not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny config {name!r}; expected one of {sorted(TINY_CONFIGS)}")
-    cfg = dict(TINY_CONFIGS[name])
+    return hf_model_from_config(TINY_CONFIGS[name], vocab_size, seed=seed, dtype=dtype)
+
+
+def hf_model_from_config(config: dict, vocab_size: int, *, seed: int = 0, dtype=torch.float32):
+    """A randomly initialised transformers model of ``config`` (a ``TINY_CONFIGS``-style dict:
+    ``model_type`` and the config's fields), its norms and biases perturbed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
     model_type = cfg.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, vocab_size=vocab_size, **cfg)
+    )
     # transformers initialises norm weights to exactly 1 and biases to 0; perturb them so that a
     # mapping mix-up between norms or a dropped bias shows up in the logits.
     with torch.no_grad():

@@ -46,17 +46,29 @@ def demo_completion(problem: dict) -> str:
     return worked_solution(problem)
 
 
-def _examples(tok, train_rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+def sft_examples(tok, rows: list[dict], completions: list[str]) -> list[tuple[list, list]]:
     """(input ids, labels) per row: the chat prompt masked out, the completion + EOS learned."""
     encoded = []
-    for row in train_rows:
+    for row, completion in zip(rows, completions, strict=True):
         prompt = tok.apply_chat_template(
             demo_messages(row["problem"]), tokenize=False, add_generation_prompt=True
         )
         p_ids = tok(prompt)["input_ids"]
-        c_ids = tok(demo_completion(row) + tok.eos_token)["input_ids"]
+        c_ids = tok(completion + tok.eos_token)["input_ids"]
         encoded.append((p_ids + c_ids, [-100] * len(p_ids) + c_ids))
     return encoded
+
+
+def sft_step(model, opt, batch: list[tuple[list[int], list[int]]], pad_token_id: int) -> float:
+    """One optimizer step of cross-entropy on ``batch`` (right-padded); returns the loss."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([x + [pad_token_id] * (width - len(x)) for x, _ in batch])
+    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+    loss = model(input_ids=ids, labels=labels).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def warm_start(directory: str, train_rows: list[dict], config: WarmStartConfig = WarmStartConfig()):
@@ -71,16 +83,10 @@ def warm_start(directory: str, train_rows: list[dict], config: WarmStartConfig =
         model = tiny_hf_model("qwen2-demo", len(tok), seed=config.seed).train()
         opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
         rng = random.Random(config.seed)
-        encoded = _examples(tok, train_rows)
+        encoded = sft_examples(tok, train_rows, [demo_completion(r) for r in train_rows])
         for _ in range(config.steps):
             batch = [rng.choice(encoded) for _ in range(config.batch_size)]
-            width = max(len(ids) for ids, _ in batch)
-            ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in batch])
-            labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            sft_step(model, opt, batch, tok.pad_token_id)
         model.eval().save_pretrained(directory)
     finally:
         torch.set_num_threads(threads)
