@@ -40,10 +40,15 @@ def test_help_lists_the_workloads():
     assert "--workload" in out and "realistic" in out and "--max-tokens-per-micro-batch" in out
 
 
-def test_demo_workload_keeps_one_micro_batch_of_64():
+def test_demo_workload_keeps_one_micro_batch_of_64_and_trls_schedule():
     args = _tool()._megagrpo_overrides("demo", 20, 512)
     assert args[args.index("--micro_batch_size") + 1] == "64"
-    assert "--max_tokens_per_micro_batch" not in args and "--lr_scheduler_type" not in args
+    assert "--max_tokens_per_micro_batch" not in args
+    # the same learning-rate schedule as TRL's side (constant, no warmup) in both workloads
+    for workload in ("demo", "realistic"):
+        w = _tool()._megagrpo_overrides(workload, 20, 512)
+        assert w[w.index("--lr_scheduler_type") + 1] == "constant"
+        assert w[w.index("--warmup_ratio") + 1] == "0"
     realistic = _tool()._megagrpo_overrides("realistic", 5, 512)
     assert realistic[realistic.index("--max_tokens_per_micro_batch") + 1] == "512"
     assert realistic[realistic.index("--max_completion_length") + 1] == "256"

@@ -7,8 +7,9 @@
 Both train the same warm-started tiny Qwen2-architecture model (the embedded demo's) on the same
 addition prompts with the same reward functions (megagrpo's accuracy, format and tag_count,
 called by TRL as plain reward functions), num_generations, completion length, batch, learning
-rate, beta and loss type (one micro-batch of all 64 completions per step in both), on this machine's
-CPU, one after the other. Reported per engine: the
+rate and schedule (constant: TRL's default here; megagrpo's demo recipe would otherwise warm up and
+decay it), beta and loss type (one micro-batch of all 64 completions per step in both), on this
+machine's CPU, one after the other. Reported per engine: the
 wall time of training (model set-up excluded), completions per second, and the mean reward and
 accuracy of the last 5 steps.
 
@@ -19,7 +20,7 @@ There each side trains the 64 completions of a step in micro-batches (a single p
 the padded vocabulary would take about 12 GB): TRL in 4 gradient-accumulation passes of 16
 completions (one generation of 64 per optimizer step, as ``steps_per_generation`` does by
 default), megagrpo in packed micro-batches of at most ``--max-tokens-per-micro-batch`` tokens (0:
-padded micro-batches of 16). Both use a constant learning rate. It reports, in addition, the
+padded micro-batches of 16). It reports, in addition, the
 completion tokens generated per second, the peak resident memory of each side's process (and of
 its largest child process: megagrpo's reward workers) and the completion length distribution.
 
@@ -115,12 +116,11 @@ def _megagrpo_overrides(workload: str, steps: int, max_tokens: int) -> list[str]
         "--micro_batch_size",  # TRL's one forward/backward pass over the 64
         str(s["completions_per_step"]),
     ]
-    extra = []
+    extra = ["--lr_scheduler_type", "constant", "--warmup_ratio", "0"]  # TRL's schedule
     if workload == "realistic":
         micro = ["--micro_batch_size", str(s["micro_batch_size"])]
         if max_tokens:
             micro += ["--max_tokens_per_micro_batch", str(max_tokens)]
-        extra = ["--lr_scheduler_type", "constant", "--warmup_ratio", "0"]  # TRL's
     return [
         "--max_steps",
         str(steps),
