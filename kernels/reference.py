@@ -96,7 +96,7 @@ def _scaled_shifted(
 ) -> torch.Tensor:
     """``(z - M) / T`` in ``dtype`` as a fresh tensor (never a view of the logits), one pass
     (two with a temperature)."""
-    u_nc = torch.sub(logits_nc.to(dtype) if logits_nc.dtype != dtype else logits_nc, max_n[:, None])
+    u_nc = torch.sub(logits_nc.to(dtype), max_n[:, None])
     if temperature != 1.0:
         u_nc.div_(temperature)
     return u_nc

@@ -156,13 +156,7 @@ def _update(groups, chunks, ddp, batch, loss_type_name, spec, need_old, entropy_
                     else None
                 )
                 grads[name if layer is None else f"{layer}:{name.split('.', 3)[3]}"] = g
-    return {
-        "metrics": metrics,
-        "grads": grads,
-        "pp_rank": groups.pp_rank,
-        "tp_rank": groups.tp_rank,
-        "cp_rank": groups.cp_rank,
-    }
+    return {"metrics": metrics, "grads": grads, "pp_rank": groups.pp_rank}
 
 
 # The tests' short runs of the demo recipe train from their first step: the recipe's 10% warmup
@@ -454,6 +448,7 @@ def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout, length_
     from dataclasses import replace
 
     from megagrpo.algorithms.loss_aggregation import TokenWeighted, get_loss_type
+    from megagrpo.distributed.context_parallel import chunk_multiple
     from megagrpo.training.batch import make_micro_batches
     from megagrpo.training.generation_steps import _select
     from megagrpo.training.logprob_pass import fill_logprobs
@@ -485,7 +480,7 @@ def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout, length_
             max_completion_length=8,
             pad_token_id=0,
             length_multiple=length_multiple,
-            sequence_multiple=2 * groups.cp_size if groups.cp_size > 1 else 1,
+            sequence_multiple=chunk_multiple(groups.cp_size),
         )
         offset = 0  # the pool's index is the index in ``batch``
         ctx = batch_context(mbs, groups, torch.device("cpu"), max_completion_length=8)

@@ -13,6 +13,7 @@ from test_packed_update import MAX_TOKENS, _assert_same, _batch, _cases
 
 from megagrpo.distributed.context_parallel import (
     ContextParallel,
+    chunk_multiple,
     packed_positions,
     sequence_positions,
 )
@@ -26,6 +27,7 @@ def test_context_parallel_positions_follow_megatrons_load_balanced_chunks():
     assert sequence_positions(12, 2, 3).tolist() == [4, 5, 6, 7]
     every = torch.cat([sequence_positions(24, r, 3) for r in range(3)])
     assert sorted(every.tolist()) == list(range(24))
+    assert [chunk_multiple(c) for c in (1, 2, 3)] == [1, 4, 6]
     # packed: each sequence split on its own, at its offset
     cu = torch.tensor([0, 4, 12, 16], dtype=torch.int32)
     assert packed_positions(cu, 0, 2).tolist() == [0, 3, 4, 5, 10, 11, 12, 15]

@@ -63,6 +63,12 @@ class ContextParallel:
         return packed_positions(cu_seqlens, self.rank if rank is None else rank, self.size)
 
 
+def chunk_multiple(size: int) -> int:
+    """What each sequence's length must be a multiple of under a CP group of ``size``: its 2 x
+    CP chunks (1 without context parallelism)."""
+    return 2 * size if size > 1 else 1
+
+
 def sequence_positions(length: int, rank: int, size: int) -> torch.Tensor:
     """long [length / size]: chunks ``rank`` and ``2 size - 1 - rank`` of ``2 size`` chunks."""
     if length % (2 * size):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megagrpo.algorithms.loss_aggregation import BatchContext, TokenWeighted
 from megagrpo.data.errors import DataError
+from megagrpo.distributed.context_parallel import chunk_multiple
 from megagrpo.monitoring.progress import StepProgress
 from megagrpo.rollout.weight_sync import sync_weights_from_megatron
 from megagrpo.training.batch import make_micro_batches, sequence_length_multiple
@@ -147,7 +148,7 @@ def step_micro_batches(run, data, generation: int) -> list[list]:
             pad_token_id=run.tokenizer.pad_token_id or 0,
             mask_truncated_completions=t.mask_truncated_completions,
             length_multiple=length_multiple,
-            sequence_multiple=2 * g.cp_size if g.cp_size > 1 else 1,
+            sequence_multiple=chunk_multiple(g.cp_size),
         )
         return [[mb.to(run.device) for mb in mbs] for mbs in parts]
     share = local_batch(data, run.groups, t.num_generations)
