@@ -19,9 +19,12 @@ from megagrpo.training.optimizer import (
 )
 
 
-def _setup(hf_dir, tp, pp, cp=1):
+def _setup(hf_dir, tp, pp, cp=1, sequence_parallel=False):
     par = MegatronConfig(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
     )
     groups = init_distributed(par, seed=11)
     arch = load_arch(hf_dir)
@@ -428,20 +431,49 @@ def code_run_worker(model_dir, data_dir, out_dir, overrides):
     return train(run) if run.groups.rank == 0 else None
 
 
-def packed_updates_worker(hf_dir, tp, pp, batch, cases, max_tokens):
+def packed_updates_worker(hf_dir, tp, pp, batch, cases, max_tokens, sequence_parallel=False):
     """For each ``(loss_type, spec, need_old, entropy_coef, sampling)`` of ``cases``: the update
     (and old log-prob pass) over padded micro-batches of 2 from this DP rank's share, then over
     token-budget micro-batches of ``max_tokens`` packed tokens balanced over the DP ranks.
     Returns per case ``{"padded": ..., "packed": ...}``, each with the DP-reduced metrics, the
-    gradients of ``_update`` and the old log-probs by global sequence index (last stage)."""
-    _, groups, chunks, ddp, _ = _setup(hf_dir, tp, pp)
+    gradients of ``_update``, the old log-probs by global sequence index (last stage) and the
+    positions the output layer ran on (``output_positions``, summed over its calls)."""
+    from megagrpo.training.batch import sequence_length_multiple
+
+    _, groups, chunks, ddp, _ = _setup(hf_dir, tp, pp, sequence_parallel=sequence_parallel)
+    multiple = sequence_length_multiple(
+        fp8=False, sequence_parallel=sequence_parallel, tp_size=tp, cp_size=1
+    )
     return [
         {
-            layout: _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout)
+            layout: _counting_output_positions(
+                chunks,
+                lambda layout=layout, case=case: _layout_update(
+                    groups, chunks, ddp, batch, case, max_tokens, layout, length_multiple=multiple
+                ),
+            )
             for layout in ("padded", "packed")
         }
         for case in cases
     ]
+
+
+def _counting_output_positions(chunks, run):
+    """``run()``'s result with ``output_positions``: the positions (rows of logits) the last
+    stage's output layer computed, over all its calls."""
+    counted = [0]
+
+    def count(module, args, output):
+        counted[0] += output[0].shape[:-1].numel()
+
+    handles = [c.output_layer.register_forward_hook(count) for c in chunks if c.post_process]
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    result["output_positions"] = counted[0]
+    return result
 
 
 def _layout_update(groups, chunks, ddp, batch, case, max_tokens, layout, length_multiple=1):

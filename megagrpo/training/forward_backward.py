@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
+from megagrpo.models.output_rows import output_rows
 from megagrpo.training.model_io import model_input
 
 
@@ -28,9 +29,12 @@ def forward_backward(
     *,
     forward_only: bool,
     cp=None,
+    rows_of: Callable | None = None,
 ) -> list[dict]:
-    """``loss_fn(mb, logits) -> (loss, metrics dict)``; returns the metrics dicts in order.
-    ``cp``: the ``ContextParallel`` group, or None."""
+    """``loss_fn(mb, logits, rows) -> (loss, metrics dict)``; returns the metrics dicts in
+    order. ``cp``: the ``ContextParallel`` group, or None. ``rows_of(mb)``: the rows of the
+    model's output positions the loss reads (``model_io.logit_rows``; the logits are then
+    ``[1, rows, V]``), or None for all of them (``rows`` None)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
@@ -39,11 +43,11 @@ def forward_backward(
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         ids, params = model_input(mb, cp)
-        if params is None:
-            output = model(ids, None, attention_mask=None)
-        else:
-            output = model(ids, None, attention_mask=None, packed_seq_params=params)
-        return output, lambda logits: loss_fn(mb, logits)
+        rows = rows_of(mb) if rows_of is not None else None
+        kwargs = {} if params is None else {"packed_seq_params": params}
+        with output_rows(model, rows):
+            output = model(ids, None, attention_mask=None, **kwargs)
+        return output, lambda logits: loss_fn(mb, logits, rows)
 
     iterators = [iter(micro_batches) for _ in chunks]  # one per model chunk (interleaved 1F1B)
     first = micro_batches[0]

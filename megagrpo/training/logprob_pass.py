@@ -8,11 +8,13 @@ the last pipeline stage, where the loss is computed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megagrpo.distributed.context_parallel import ContextParallel
 from megagrpo.training.forward_backward import forward_backward
-from megagrpo.training.model_io import token_logprobs
+from megagrpo.training.model_io import logit_rows, token_logprobs
 
 
 def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: str) -> None:
@@ -23,12 +25,17 @@ def fill_logprobs(chunks, micro_batches, groups, *, temperature: float, field: s
     for c in chunks:
         c.eval()
 
-    def loss_fn(mb, logits):
-        logp_bl, _ = token_logprobs(logits, mb, cp, temperature=temperature, tp_group=tp_group)
+    def loss_fn(mb, logits, rows):
+        logp_bl, _ = token_logprobs(
+            logits, mb, cp, temperature=temperature, tp_group=tp_group, rows=rows
+        )
         return torch.zeros((), device=logits.device), {"logp": logp_bl.detach()}
 
+    rows_of = functools.partial(logit_rows, cp=cp)
     try:
-        outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=True, cp=cp)
+        outputs = forward_backward(
+            chunks, micro_batches, loss_fn, forward_only=True, cp=cp, rows_of=rows_of
+        )
     finally:
         for c, mode in zip(chunks, was_training):
             c.train(mode)

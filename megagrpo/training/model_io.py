@@ -14,6 +14,12 @@ Legend: b sequences, L the micro-batch's padded length, t packed tokens, C the C
   than the log-probs themselves on a large vocabulary); under CP they are all-gathered over the
   CP group, so the loss and its per-sequence reductions are the unsplit ones.
 
+- ``logit_rows``: the positions of ``model_input``'s layout whose logits the loss reads (those
+  predicting a completion token that counts), flattened the model's way (s-major); the output
+  layer runs on them only (``models/output_rows.py``), and ``token_logprobs`` given them takes
+  the model's logits ``[1, k, V]`` as those rows and puts the per-token values back in place
+  (0 elsewhere, where the mask is 0).
+
 The right-padded micro-batch without CP is the fused kernel's case: its loss takes the logits
 itself (``policy_update.py``).
 """
@@ -31,14 +37,36 @@ def _own(mb, cp: ContextParallel) -> torch.Tensor:
     return cp.positions(mb.input_ids_bl.shape[1])
 
 
+def _model_layout(mb, cp: ContextParallel | None, x_bl: torch.Tensor, x_1t=None) -> torch.Tensor:
+    """``x_bl`` (per position of the padded [b, L] layout; ``x_1t``: already packed) in
+    ``model_input``'s layout."""
+    packed = mb.packed
+    if packed is not None and x_1t is None:
+        t = packed.input_ids_1t.shape[1]
+        x_1t = x_bl.new_zeros(1, t).index_put_(
+            (torch.zeros_like(packed.unpack_bl).reshape(-1), packed.unpack_bl.reshape(-1)),
+            x_bl.reshape(-1),
+            accumulate=True,  # positions past a sequence's end point at 0 with a value of 0
+        )
+    x = x_1t if packed is not None else x_bl
+    return x if cp is None else split(x, _own(mb, cp), 1)
+
+
+def logit_rows(mb, cp: ContextParallel | None) -> torch.Tensor:
+    """long [k >= 1]: the positions of ``model_input``'s layout ([B, S], flattened s-major as the
+    model's [S, B] output) whose targets count in the loss (``mask_bl`` > 0); one row at least,
+    so that every rank runs its output layer."""
+    mask = _model_layout(mb, cp, mb.mask_bl)
+    rows = mask.t().reshape(-1).nonzero().squeeze(1)
+    return rows if rows.numel() else rows.new_zeros(1)
+
+
 def model_input(mb, cp: ContextParallel | None):
     """``(input_ids, PackedSeqParams or None)`` of this rank."""
     packed = mb.packed
     if packed is None:
-        ids = mb.input_ids_bl
-        return (ids if cp is None else split(ids, _own(mb, cp), 1)), None
-    ids = packed.input_ids_1t
-    return (ids if cp is None else split(ids, _own(mb, cp), 1)), packed.params()
+        return _model_layout(mb, cp, mb.input_ids_bl), None
+    return _model_layout(mb, cp, mb.input_ids_bl, packed.input_ids_1t), packed.params()
 
 
 def token_logprobs(
@@ -49,21 +77,35 @@ def token_logprobs(
     temperature: float,
     tp_group=None,
     with_entropy: bool = False,
+    rows: torch.Tensor | None = None,
 ):
     """``(logp_bl, entropy_bl or None)`` of the micro-batch's targets from the model's
-    (vocab-parallel) ``logits`` in ``model_input``'s layout; differentiable w.r.t. ``logits``
-    (under CP each rank's gradient reaches its own positions)."""
+    (vocab-parallel) ``logits`` in ``model_input``'s layout, or of its ``rows`` only
+    (``logit_rows``; logits [1, k, V]); differentiable w.r.t. ``logits`` (under CP each rank's
+    gradient reaches its own positions)."""
     from megagrpo_kernels import logprobs
 
     packed = mb.packed
-    targets = packed.targets_1t if packed is not None else mb.targets_bl
-    if cp is not None:
-        targets = split(targets, _own(mb, cp), 1)
+    targets = _model_layout(
+        mb, cp, mb.targets_bl, packed.targets_1t if packed is not None else None
+    )
+    if rows is not None:
+        shape = targets.shape
+        targets = targets.t().reshape(-1)[rows.to(targets.device)][None, :]
     out = logprobs(logits, targets, temperature, tp_group, with_entropy)
     values = list(out) if isinstance(out, tuple) else [out]
+    if rows is not None:  # back in place: [1, k] -> [B, S]
+        values = [_scatter_rows(x[0], rows, shape) for x in values]
     if cp is not None:
         cu = packed.cu_seqlens if packed is not None else None
         values = [gather_replicated(x, cp, 1, cu) for x in values]
     if packed is not None:  # [1, t] -> the micro-batch's [b, L]
         values = [x[0][packed.unpack_bl] for x in values]
     return values[0], (values[1] if with_entropy else None)
+
+
+def _scatter_rows(values_k: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
+    """[B, S] zeros with ``values_k`` at the s-major ``rows`` (differentiable)."""
+    flat = values_k.new_zeros(shape[1] * shape[0])
+    flat = flat.index_put((rows.to(flat.device),), values_k)
+    return flat.view(shape[1], shape[0]).t()

@@ -21,7 +21,7 @@ from megagrpo.algorithms.entropy_bonus import EntropyBonus
 from megagrpo.algorithms.loss_aggregation import BatchContext, LossType
 from megagrpo.distributed.context_parallel import ContextParallel
 from megagrpo.training.forward_backward import forward_backward
-from megagrpo.training.model_io import token_logprobs
+from megagrpo.training.model_io import logit_rows, token_logprobs
 
 # Token-weighted sums collected per micro-batch, in this order.
 SUM_KEYS = (
@@ -60,7 +60,10 @@ def grpo_update(
     cp = ContextParallel.of(groups)
     entropy_grad = entropy_coef != 0.0
 
-    def loss_fn(mb, logits):
+    def fused(mb) -> bool:  # the kernel that takes the logits: all of them
+        return cp is None and mb.packed is None
+
+    def loss_fn(mb, logits, rows):
         loss_inputs = dict(
             old_logp=mb.old_logp_bl,
             ref_logp=mb.ref_logp_bl,
@@ -69,7 +72,7 @@ def grpo_update(
             is_weight=mb.is_weight_bl,
             sampler_logp=mb.sampler_logp_bl,
         )
-        if cp is None and mb.packed is None:  # the fused kernel takes the logits
+        if fused(mb):
             out = logprob_grpo_loss(
                 logits,
                 mb.targets_bl,
@@ -81,7 +84,13 @@ def grpo_update(
             )
         else:  # per-token values in the [b, L] layout (the logits stay in the model's)
             logp, entropy = token_logprobs(
-                logits, mb, cp, temperature=spec.temperature, tp_group=tp_group, with_entropy=True
+                logits,
+                mb,
+                cp,
+                temperature=spec.temperature,
+                tp_group=tp_group,
+                with_entropy=True,
+                rows=rows,
             )
             out = grpo_loss(logp, spec=spec, entropy=entropy, **loss_inputs)
             out.logp, out.entropy = logp.detach(), (entropy if entropy_grad else entropy.detach())
@@ -96,7 +105,12 @@ def grpo_update(
         )
         return value, {"sums": _metric_sums(mb, out, loss_type, ctx, bonus)}
 
-    outputs = forward_backward(chunks, micro_batches, loss_fn, forward_only=False, cp=cp)
+    def rows_of(mb):  # the output layer over the positions the loss reads only
+        return None if fused(mb) else logit_rows(mb, cp)
+
+    outputs = forward_backward(
+        chunks, micro_batches, loss_fn, forward_only=False, cp=cp, rows_of=rows_of
+    )
     return [o["sums"] for o in outputs]
 
 
