@@ -35,6 +35,31 @@ def _megatron(hf_dir, groups, **par):
     return arch, model.eval()
 
 
+def test_local_spec_runs_megagrpos_norm_and_rope(tiny_checkpoint, groups):
+    """Without Transformer Engine every norm (q / k and the final one too) is megagrpo's RMSNorm
+    and RoPE goes through megatron's fused entry, filled with megagrpo's functions."""
+    import importlib.util
+
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megagrpo.models.rms_norm import RMSNorm
+    from megagrpo.models.rope_fusion import apply_rotary, apply_rotary_thd
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine's RoPE kernels take precedence where TE is installed")
+    arch, model = _megatron(tiny_checkpoint("qwen3"), groups)
+    norms = {
+        n: type(m)
+        for n, m in model.named_modules()
+        if n.endswith("layernorm") and "cross_attn" not in n  # IdentityOp: no cross attention
+    }
+    assert len(norms) == 4 * arch.num_layers + 1 and "decoder.final_layernorm" in norms
+    assert set(norms.values()) == {RMSNorm}
+    assert model.config.apply_rope_fusion
+    assert rope_utils.fused_apply_rotary_pos_emb is apply_rotary
+    assert rope_utils.fused_apply_rotary_pos_emb_thd is apply_rotary_thd
+
+
 @pytest.mark.parametrize("name", ARCH_NAMES)
 def test_logits_match_transformers_fp32(name, tiny_checkpoint, groups):
     from transformers import AutoModelForCausalLM

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megagrpo.config.megatron import MegatronConfig
+from megagrpo.models import rope_fusion
 from megagrpo.models.arch import ModelArch
 from megagrpo.models.rope import rope_inv_freq
 
@@ -129,7 +130,7 @@ def build_transformer_config(
         bias_activation_fusion=False,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=use_te,
-        apply_rope_fusion=use_te,
+        apply_rope_fusion=True,  # TE's kernels, else megagrpo's (``rope_fusion``)
         gradient_accumulation_fusion=use_gradient_accumulation_fusion(use_te),
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
@@ -147,25 +148,49 @@ def build_transformer_config(
             fp8_amax_compute_algo=par.fp8_amax_compute_algo,
             fp8_param=par.fp8_param_gather,
         )
+    if not use_te:
+        rope_fusion.install()
     return TransformerConfig(**kwargs)
 
 
 def layer_spec(arch: ModelArch, *, use_te: bool):
     """The transformer layer spec: Transformer Engine's, or megatron-core's local one with torch
-    SDPA as its core attention (``sdpa_attention``)."""
+    SDPA as its core attention (``sdpa_attention``) and megagrpo's RMSNorm (``rms_norm``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     import copy
 
+    from megagrpo.models.rms_norm import RMSNorm
     from megagrpo.models.sdpa_attention import SDPAttention
 
     spec = copy.deepcopy(
         gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
     )
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if arch.qk_norm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
     return spec
+
+
+def decoder_spec(config, layer, *, use_te: bool, vp_stage: int | None, pp_rank: int):
+    """What GPTModel builds its decoder from: the layer spec (megatron adds its final norm:
+    Transformer Engine's with TE), or without TE the block of this stage's layers with
+    megagrpo's RMSNorm as the final norm."""
+    if use_te:
+        return layer
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from megagrpo.models.rms_norm import RMSNorm
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm)
 
 
 def _mask_padded_vocab_hook(true_vocab: int, tp_group):
@@ -201,6 +226,7 @@ def build_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.utils import get_pg_rank
 
     if isinstance(params_dtype, str):
         params_dtype = _DTYPES[params_dtype]
@@ -218,7 +244,13 @@ def build_model(
         last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=decoder_spec(
+                config,
+                spec,
+                use_te=use_te,
+                vp_stage=vp_stage if vpp > 1 else None,
+                pp_rank=get_pg_rank(getattr(pg_collection, "pp", None)),
+            ),
             vocab_size=vocab,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=first if pre_process is None else pre_process,
