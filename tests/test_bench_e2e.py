@@ -99,3 +99,20 @@ def test_length_report():
     assert log.result() == {"lengths": [10, 20, 256], "max_token_id": 300, "outside": 1}
     line = tool.length_distribution(log.lengths, 256)
     assert line.startswith("n=3 min 10 ") and "[0,16): 1" in line and "=256: 1" in line
+
+
+def test_peak_memory_is_the_sides_own_not_its_parents():
+    """A side runs in a process the benchmark starts after building the assets in-process;
+    its reported peak must be its own (Linux carries a parent's ru_maxrss over exec)."""
+    ballast = bytearray(600 * 2**20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # resident in this (the parent) process
+    code = (
+        "import importlib.util, json; "
+        f"spec = importlib.util.spec_from_file_location('bench_e2e', {TOOL!r}); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(json.dumps(m._memory()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+    assert 0.005 < own < 0.4, own  # the interpreter and the tool's imports, not the 0.6 GiB
+    del ballast

@@ -124,6 +124,37 @@ def test_packed_update_equals_padded_tp_pp(tp, pp, sp, tiny_checkpoint):
     assert last and all(r[-1]["packed"]["old_logp"] for r in last)  # vespo's pass ran there
 
 
+def test_sequence_parallel_update_equals_tensor_parallel(tiny_checkpoint):
+    """TP=2 with sequence parallelism (on the CPU through megagrpo's RMSNorm, whose weight
+    gradients megatron sums over TP) trains as TP=2 without it, padded and packed (where the
+    output layer gathers the sequence-parallel positions before taking the loss's rows): the
+    same metrics, every gradient shard and the old log-probs."""
+    cases = _cases(("grpo", "vespo"))
+    args = (tiny_checkpoint("qwen2"), 2, 1, _batch(), cases, MAX_TOKENS)
+    plain = run_ranks(2, packed_updates_worker, *args, False)
+    sequence_parallel = run_ranks(2, packed_updates_worker, *args, True)
+    for rank, (want_rank, got_rank) in enumerate(zip(plain, sequence_parallel)):
+        for k, (want_case, got_case) in enumerate(zip(want_rank, got_rank)):
+            for layout in ("padded", "packed"):
+                want, got = want_case[layout], got_case[layout]
+                label = (rank, cases[k][0], layout)
+                assert got["metrics"] == pytest.approx(want["metrics"], rel=1e-5, abs=1e-7), label
+                assert got["grads"].keys() == want["grads"].keys()
+                for key, g in want["grads"].items():
+                    torch.testing.assert_close(
+                        got["grads"][key],
+                        g,
+                        rtol=1e-5,
+                        atol=1e-7,
+                        msg=lambda m, where=label: f"{where} {m}",
+                    )
+                assert got["old_logp"].keys() == want["old_logp"].keys()
+                for i, logp in want["old_logp"].items():
+                    torch.testing.assert_close(got["old_logp"][i], logp, rtol=1e-5, atol=1e-6)
+    norm = [k for k in plain[0][0]["packed"]["grads"] if k.endswith("input_layernorm.weight")]
+    assert norm and plain[0][0]["packed"]["grads"][norm[0]].abs().max() > 1e-6
+
+
 def test_token_budget_over_dp_keeps_every_normaliser(tiny_checkpoint):
     """DP=2: the sequences move between ranks (balanced by tokens) and the ranks run different
     numbers of micro-batches; loss and DP-averaged gradients equal the unbalanced padded path's

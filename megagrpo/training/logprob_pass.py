@@ -3,7 +3,8 @@
 Used for the old policy (when the update is not exactly on-policy: num_iterations > 1, async
 rollouts, or truncated importance sampling against the sampler) and for the frozen reference
 model (beta > 0). The log-probs land in each micro-batch (``old_logp_bl`` / ``ref_logp_bl``) on
-the last pipeline stage, where the loss is computed.
+the last pipeline stage, where the loss is computed. The output layer runs on the completion
+positions that count only (``model_io.logit_rows``).
 """
 
 from __future__ import annotations

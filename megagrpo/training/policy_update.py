@@ -3,11 +3,12 @@
 The loss of a padded micro-batch comes from logits through the fused log-prob + GRPO loss kernel
 (``megagrpo_kernels.logprob_grpo_loss`` with the run's ``GRPOLossSpec``: Triton on GPU, the chunked
 torch reference on CPU; vocab-parallel over TP). Packed micro-batches and context parallelism
-take the log-probs in the model's layout first (``model_io.token_logprobs``) and the loss
-kernel (``grpo_loss``) runs on them in the micro-batch's [b, L] layout, the same values as the
-unfused chain of ``logprob_grpo_loss``. Then the loss type's aggregation
-(``algorithms/loss_aggregation.py``) reduces the per-token losses the way megatron's schedules and
-DP reduction expect, and the entropy bonus (``algorithms/entropy_bonus.py``) is subtracted.
+run the output layer on the positions the loss reads only (``model_io.logit_rows``), take
+their log-probs (``model_io.token_logprobs``) and run the loss kernel (``grpo_loss``) on them in
+the micro-batch's [b, L] layout, the same values as the unfused chain of ``logprob_grpo_loss``.
+Then the loss type's aggregation (``algorithms/loss_aggregation.py``) reduces the per-token losses
+the way megatron's schedules and DP reduction expect, and the entropy bonus
+(``algorithms/entropy_bonus.py``) is subtracted.
 Metrics are summed per micro-batch on the last stage (token-weighted) and reduced over
 data-parallel ranks by ``reduce_metrics``.
 """
