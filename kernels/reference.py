@@ -156,9 +156,19 @@ def logprobs_backward(
             gz_bc[rows_r, local_b[rows_r]] += g_n[r0:r1][rows_r]
             if temperature != 1.0:
                 gz_bc.div_(temperature)
-            grad_nv[r0:r1, c0 : c0 + cols] = gz_bc
+            grad_nv[r0:r1, c0 : c0 + cols] = flush_subnormal_(gz_bc)
             del gz_bc
     return grad_nv
+
+
+def flush_subnormal_(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its subnormal values (magnitude below the dtype's smallest normal, 1.2e-38 in
+    fp32 and bf16) set to 0, in place. A large vocabulary's improbable tokens give ``p g`` down
+    there, and an x86 CPU multiplies subnormal inputs about 100x slower (measured: the output
+    layer's weight-gradient matmul of 352 rows x 151,936, 14.7 s against 0.13 s); zero differs
+    from them by less than fp32 resolves next to any normal value of the same sum."""
+    x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny, 0.0)
+    return x
 
 
 def logprobs_eager(
