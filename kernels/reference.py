@@ -166,9 +166,21 @@ def flush_subnormal_(x: torch.Tensor) -> torch.Tensor:
     fp32 and bf16) set to 0, in place. A large vocabulary's improbable tokens give ``p g`` down
     there, and an x86 CPU multiplies subnormal inputs about 100x slower (measured: the output
     layer's weight-gradient matmul of 352 rows x 151,936, 14.7 s against 0.13 s); zero differs
-    from them by less than fp32 resolves next to any normal value of the same sum."""
-    x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny, 0.0)
+    from them by less than fp32 resolves next to any normal value of the same sum. (Keeping
+    ``exp`` from producing them in the first place, here and in the forward, measured no faster.)"""
+    bits, exponent = _EXPONENT_BITS[x.dtype]
+    # the exponent field read as an integer: arithmetic on the subnormals themselves is slow too
+    x.masked_fill_(x.view(bits).bitwise_and(exponent) == 0, 0.0)
     return x
+
+
+# integer view and exponent-field mask per float dtype (exponent 0: zero or subnormal)
+_EXPONENT_BITS = {
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
 
 
 def logprobs_eager(
