@@ -134,7 +134,9 @@ def logprobs_backward(
     local_n = targets_n.long() - vocab_start
     grad_nv = torch.empty_like(logits_nv)
     cols = chunk_columns(n_rows, vocab, chunk_size)
-    floor = torch.finfo(dtype).min
+    # log p floor for the entropy term: exact (p = exp(log p) is 0 below -104 in fp32), and
+    # small enough that (floor + H) * gh stays finite, so p = 0 gives 0, not -inf * 0 = NaN
+    floor = LOG_P_FLOOR
     for c0 in range(0, vocab, cols):
         width = min(cols, vocab - c0)
         for r0, r1 in row_blocks(n_rows, width):
@@ -159,6 +161,9 @@ def logprobs_backward(
             grad_nv[r0:r1, c0 : c0 + cols] = flush_subnormal_(gz_bc)
             del gz_bc
     return grad_nv
+
+
+LOG_P_FLOOR = -1.0e4
 
 
 def flush_subnormal_(x: torch.Tensor) -> torch.Tensor:

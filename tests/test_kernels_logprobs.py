@@ -265,3 +265,21 @@ def test_torch_backward_flushes_subnormal_gradients():
     torch.testing.assert_close(got[:, 0].double(), want[:, 0], rtol=1e-6, atol=0)
     x = torch.tensor([1e-39, -1e-39, tiny, -tiny, 0.5])
     assert flush_subnormal_(x).tolist() == [0.0, 0.0, tiny, -tiny, 0.5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_gradient_at_minus_inf_logits_is_zero_for_any_weight(backend):
+    """A -inf logit (a masked vocabulary row) has p = 0 and a zero gradient, also when the
+    entropy's upstream gradient is large (|gh| > 1 once made -inf * 0 = NaN on the CPU)."""
+    logits = torch.tensor([[0.0, 1.0, -float("inf"), 2.0], [3.0, -float("inf"), 0.5, -1.0]])
+    targets = torch.tensor([1, 0])
+    g_n, gh_n = torch.tensor([0.5, -2.0]), torch.tensor([3.0, -7.0])
+    _, _, got = _run(logits, targets, 1.0, backend, g_n, gh_n)
+    ref = logits.double().masked_fill(torch.isinf(logits), -1e30).requires_grad_()
+    logq = torch.log_softmax(ref, -1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    logp = logq.gather(1, targets[:, None])[:, 0]
+    (logp * g_n.double() + entropy * gh_n.double()).sum().backward()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref.grad, rtol=1e-5, atol=1e-6)
+    assert (got[torch.isinf(logits)] == 0).all()
