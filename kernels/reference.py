@@ -23,6 +23,10 @@ from .vocab_parallel import MAX, NUM_STATS, OWNER, SUMEXP, TARGET, XLOGX, merge_
 
 CHUNK_ELEMENTS = 1 << 22  # elements of one [N, chunk] column chunk at most: 16 MB in fp32
 BLOCK_ELEMENTS = 1 << 20  # elements of one row block of a chunk: 4 MB in fp32
+# log p floor of the backward's entropy term: exact (p = exp(log p) is 0 below -104 in fp32,
+# -745 in fp64), and small enough that (floor + H) * gh stays finite, so where p = 0 the term is
+# 0 and not -inf * 0 = NaN
+LOG_P_FLOOR = -1.0e4
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -134,8 +138,6 @@ def logprobs_backward(
     local_n = targets_n.long() - vocab_start
     grad_nv = torch.empty_like(logits_nv)
     cols = chunk_columns(n_rows, vocab, chunk_size)
-    # log p floor for the entropy term: exact (p = exp(log p) is 0 below -104 in fp32), and
-    # small enough that (floor + H) * gh stays finite, so p = 0 gives 0, not -inf * 0 = NaN
     floor = LOG_P_FLOOR
     for c0 in range(0, vocab, cols):
         width = min(cols, vocab - c0)
@@ -161,9 +163,6 @@ def logprobs_backward(
             grad_nv[r0:r1, c0 : c0 + cols] = flush_subnormal_(gz_bc)
             del gz_bc
     return grad_nv
-
-
-LOG_P_FLOOR = -1.0e4
 
 
 def flush_subnormal_(x: torch.Tensor) -> torch.Tensor:

@@ -42,12 +42,11 @@ def _model_layout(mb, cp: ContextParallel | None, x_bl: torch.Tensor, x_1t=None)
     ``model_input``'s layout."""
     packed = mb.packed
     if packed is not None and x_1t is None:
-        t = packed.input_ids_1t.shape[1]
-        x_1t = x_bl.new_zeros(1, t).index_put_(
-            (torch.zeros_like(packed.unpack_bl).reshape(-1), packed.unpack_bl.reshape(-1)),
+        x_1t = x_bl.new_zeros(packed.input_ids_1t.shape[1]).index_put_(
+            (packed.unpack_bl.reshape(-1),),
             x_bl.reshape(-1),
             accumulate=True,  # positions past a sequence's end point at 0 with a value of 0
-        )
+        )[None, :]
     x = x_1t if packed is not None else x_bl
     return x if cp is None else split(x, _own(mb, cp), 1)
 
