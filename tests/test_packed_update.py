@@ -93,20 +93,18 @@ def test_packed_update_equals_padded_one_process(tiny_checkpoint):
     _assert_same([results], cases)
     # the budget packs the 8 sequences into fewer micro-batches than the 4 padded ones
     assert results[0]["packed"]["num_microbatches"] < results[0]["padded"]["num_microbatches"]
-    # the packed update's output layer ran on the 40 completion positions only (the padded
-    # update's fused kernel takes the logits of all 4 x 2 x 13 positions); with the old
-    # log-prob pass, twice
-    batch = _batch()
-    completion_tokens = sum(len(c) for c in batch.completion_ids)
+    # the output layer ran on the 40 completion positions only, in the packed update and in
+    # every old log-prob pass; the padded update's fused kernel takes the logits of all
+    # 4 x 2 x 13 positions
+    completion_tokens = sum(len(c) for c in _batch().completion_ids)
     for k, (_, _, need_old, _, _) in enumerate(cases):
-        assert results[k]["packed"]["output_positions"] == completion_tokens * (1 + need_old)
-        assert results[k]["padded"]["output_positions"] == 4 * 2 * 13 * (1 + need_old) - (
-            need_old * (4 * 2 * 13 - completion_tokens)
-        )
+        passes = completion_tokens * need_old
+        assert results[k]["packed"]["output_positions"] == completion_tokens + passes
+        assert results[k]["padded"]["output_positions"] == 4 * 2 * 13 + passes
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False)])
-def test_packed_update_equals_padded_tp_pp(tp, pp, sp, tiny_checkpoint):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_packed_update_equals_padded_tp_pp(tp, pp, tiny_checkpoint):
     cases = _cases(("grpo", "dapo", "vespo"))
     results = run_ranks(
         tp * pp,
@@ -117,7 +115,6 @@ def test_packed_update_equals_padded_tp_pp(tp, pp, sp, tiny_checkpoint):
         _batch(),
         cases,
         MAX_TOKENS,
-        sp,
     )
     _assert_same(results, cases)
     last = [r for r in results if r[0]["padded"]["pp_rank"] == pp - 1]
