@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from megagrpo.distributed.context_parallel import sequence_positions
+from megagrpo.distributed.context_parallel import packed_positions
 
 
 class RotaryFunction(torch.autograd.Function):
@@ -77,16 +77,10 @@ def thd_positions(cu_seqlens: torch.Tensor, cp_size: int = 1, cp_rank: int = 0) 
     """long [t / cp_size]: the position within its sequence of each token this CP rank holds of
     the sequences at ``cu_seqlens`` (whole sequences' boundaries)."""
     cu = cu_seqlens.long().cpu()
-    if cp_size == 1:
-        lengths = cu[1:] - cu[:-1]
-        return torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lengths)
-    bounds = cu.tolist()
-    parts = [
-        sequence_positions(end - start, cp_rank, cp_size)
-        for start, end in zip(bounds[:-1], bounds[1:])
-        if end > start
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    starts = torch.repeat_interleave(cu[:-1], (cu[1:] - cu[:-1]) // cp_size)
+    if cp_size == 1:  # every position, in one vectorised step (this runs for every q and k)
+        return torch.arange(int(cu[-1])) - starts
+    return packed_positions(cu, cp_rank, cp_size) - starts
 
 
 def apply_rotary_thd(
